@@ -1,0 +1,238 @@
+"""The ``resexp`` command: train, sweep, plot.
+
+``train`` and ``sweep`` are Hydra applications (so ``--help``, ``--cfg job`` and every
+``key=value`` override work as Hydra users expect); ``plot`` only reads folders.
+Before Hydra starts a run, the overrides are composed and checked here, so that a
+mistake is one line on stderr with exit code 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from . import config as config_module
+from .errors import UsageError, exit_with, wants_traceback
+
+USAGE = """\
+usage: resexp COMMAND [ARGS]
+
+Reproduce the depth experiment of He et al. 2015 (CIFAR-10, section 4.2):
+plain nets get worse with depth, residual nets get better.
+
+commands:
+  train [KEY=VALUE ...]   train one net, e.g.  resexp train arch=plain depth=56
+  sweep [KEY=V1,V2 ...]   train a grid (plain and resnet by default), then draw the figures,
+                          e.g.  resexp sweep depth=20,56,110   or   resexp sweep experiment=figure6
+  plot DIR                redraw the figures and summary of a sweep folder
+
+'resexp train --help' lists every option. Errors print one line; HYDRA_FULL_ERROR=1 shows tracebacks.
+"""
+
+# Hydra's own flags: they print something and run nothing, or change where configs come from.
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun"}
+OPTIONAL_VALUE_FLAGS = {"--info", "-i"}
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """Separate Hydra's flags (with their values) from ``key=value`` overrides."""
+    flags, overrides = [], []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg.startswith("-") and "=" not in arg.split("-", 2)[-1][:1]:
+            flags.append(arg)
+            takes_value = arg in VALUE_FLAGS and not (arg in OPTIONAL_VALUE_FLAGS and (
+                index + 1 >= len(args) or "=" in args[index + 1]))
+            if takes_value and index + 1 < len(args):
+                flags.append(args[index + 1])
+                index += 1
+        else:
+            overrides.append(arg)
+        index += 1
+    return flags, overrides
+
+
+def extra_search_path(flags: list[str]) -> list[str]:
+    """``--config-dir DIR`` as an override the compose API understands."""
+    for flag, value in zip(flags, flags[1:]):
+        if flag in ("--config-dir", "-cd"):
+            return [f"hydra.searchpath=[file://{Path(value).resolve()}]"]
+    return []
+
+
+def run_hydra_app(app, args: list[str]) -> None:
+    saved = sys.argv
+    sys.argv = ["resexp", *args]
+    try:
+        app()
+    finally:
+        sys.argv = saved
+
+
+# --- train --------------------------------------------------------------------------------------
+
+@hydra.main(config_path="pkg://resexp.conf", config_name="config", version_base="1.3")
+def train_app(cfg: DictConfig) -> None:
+    from .train import RunInterrupted, train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = train(cfg, run_dir)
+    except UsageError as error:
+        exit_with(error)
+    except RunInterrupted as interrupt:
+        print(f"{run_dir.name}: interrupted at a checkpoint; run the same command to resume", file=sys.stderr)
+        raise SystemExit(interrupt.exit_code)
+    print_result(result, run_dir)
+
+
+def print_result(result: dict, run_dir: Path) -> None:
+    if result["outcome"] == "skipped":
+        print(f"{run_dir}: already finished ({result['status']}); resume=false trains it again")
+    errors = ", ".join(f"{label} {100 * result[key]:.2f}%" for label, key in
+                       (("train error", "final_train_error"), ("test error", "final_test_error"))
+                       if result.get(key) is not None)
+    print(f"{run_dir}: {result['status']}, {errors}")
+
+
+def train_command(args: list[str]) -> int:
+    flags, overrides = split_flags(args)
+    if "-m" in flags or "--multirun" in flags:
+        raise UsageError("resexp train runs one net; use resexp sweep for several (drop -m/--multirun)")
+    if not INFO_FLAGS.intersection(flags):
+        from .sweep import parse_overrides
+
+        for override in parse_overrides(overrides):
+            if override.is_sweep_override():
+                raise UsageError(f"{override.input_line} gives several values; resexp train runs one net, "
+                                 f"resexp sweep runs one per value")
+        cfg = config_module.compose(overrides + extra_search_path(flags))
+        config_module.check(cfg)
+    run_hydra_app(train_app, args)
+    return 0
+
+
+# --- sweep --------------------------------------------------------------------------------------
+
+@hydra.main(config_path="pkg://resexp.conf", config_name="config", version_base="1.3")
+def sweep_app(cfg: DictConfig) -> dict:
+    from .sweep import run_job
+
+    hydra_cfg = HydraConfig.get()
+    return run_job(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.job.num)
+
+
+def register_sweeper() -> None:
+    """Register the sweeper by hand: Hydra's plugin scan misses it in editable installs."""
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.resexp_sweeper.resexp_sweeper import ResexpSweeper
+
+    Plugins.instance().register(ResexpSweeper)
+
+
+def sweep_command(args: list[str]) -> int:
+    from . import sweep as sweep_module
+    from .train import RunInterrupted
+
+    flags, overrides = split_flags(args)
+    flags = [flag for flag in flags if flag not in ("-m", "--multirun")]
+    if INFO_FLAGS.intersection(flags):
+        register_sweeper()
+        run_hydra_app(sweep_app, ["-m", *flags, *overrides])
+        return 0
+    sweep_module.check_no_duplicates(overrides)
+    fixed = [o.input_line for o in sweep_module.parse_overrides(overrides) if not o.is_sweep_override()]
+    base = config_module.compose(fixed + extra_search_path(flags))
+    named = [o for o in sweep_module.parse_overrides(overrides) if o.get_key_element() == "name"]
+    name = named[0].get_value_element_as_str() if named else sweep_module.sweep_name(overrides)
+    sweep_dir = Path(base.out) / name
+    print(f"sweep folder: {sweep_dir}", file=sys.stderr)
+
+    exit_code = 0
+    register_sweeper()
+    try:
+        run_hydra_app(sweep_app, ["-m", *flags, *[o for o in overrides if not o.startswith("name=")], f"name={name}"])
+    except RunInterrupted as interrupt:
+        print("sweep interrupted; run the same command to resume it", file=sys.stderr)
+        exit_code = interrupt.exit_code
+    except KeyboardInterrupt:
+        print("sweep interrupted; run the same command to resume it", file=sys.stderr)
+        exit_code = 130
+
+    record = sweep_module.read_sweep_record(sweep_dir)
+    if record is not None and exit_code == 0:
+        table, any_failed = sweep_module.outcome_table(record)
+        print(table)
+        exit_code = 1 if any_failed else 0
+    draw_figures(sweep_dir)
+    return exit_code
+
+
+# --- plot ---------------------------------------------------------------------------------------
+
+def draw_figures(folder: Path) -> None:
+    import logging
+
+    from .plots import render_all
+
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting chatter
+
+    try:
+        drawn = render_all(folder)
+    except UsageError as error:
+        print(f"resexp: no figures: {error}", file=sys.stderr)
+        return
+    print("figures: " + ", ".join(str(Path(f)) for f in drawn["files"]))
+
+
+def plot_command(args: list[str]) -> int:
+    from .plots import render_all
+
+    if len(args) != 1 or args[0].startswith("-"):
+        if args and args[0] in ("-h", "--help"):
+            print("usage: resexp plot DIR\n\nRedraw curves.png, error_vs_depth.png and summary.md/.csv "
+                  "from the run folders in DIR.")
+            return 0
+        raise UsageError(f"resexp plot takes one folder (a sweep's or a run's); got {' '.join(args) or 'nothing'}")
+    folder = Path(args[0])
+    if not folder.is_dir():
+        raise UsageError(f"folder {folder} does not exist")
+    drawn = render_all(folder)
+    print("figures: " + ", ".join(str(Path(f)) for f in drawn["files"]))
+    return 0
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+COMMANDS = {"train": train_command, "sweep": sweep_command, "plot": plot_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"resexp: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](args)
+    except UsageError as error:
+        if wants_traceback():
+            raise
+        print(f"resexp: error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as leaving:
+        return leaving.code if isinstance(leaving.code, int) else (0 if leaving.code is None else 1)
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Composing, checking and naming configs.
+
+Hydra composes the config from ``conf/``; this module checks every value a
+user can set before anything trains (one readable line per problem) and makes
+the run-folder names from config values, so that the same run gets the same
+folder however its overrides were typed.
+"""
+
+from __future__ import annotations
+
+import re
+from numbers import Integral, Real
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .errors import UsageError
+from .models import ARCHS, SHORTCUTS, blocks_per_stage
+
+CONFIG_MODULE = "resexp.conf"
+DATA_NAMES = ("cifar10", "imagefolder", "synthetic")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# Keys that may differ when a run resumes: where results go and how they are shown,
+# not what is trained.
+RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "sweep", "data.root", "data.download")
+
+
+# --- run names ---------------------------------------------------------------------------------
+
+def run_name(cfg: DictConfig) -> str:
+    """``<arch>-<depth>-s<seed>``, plus the other swept keys' values (or, for a single run,
+    the schedule and data set when they are not the paper's)."""
+    parts = [f"{cfg.arch}-{cfg.depth}-s{cfg.seed}"]
+    swept = [key for key in OmegaConf.select(cfg, "sweep.keys", default=[]) or []]
+    if swept:
+        parts += [_name_part(cfg, key) for key in sorted(swept) if key not in ("arch", "depth", "seed")]
+    else:
+        if cfg.schedule.name != "paper":
+            parts.append(str(cfg.schedule.name))
+        if cfg.data.name != "cifar10":
+            parts.append(str(cfg.data.name))
+    return _safe("-".join(parts))
+
+
+def _name_part(cfg: DictConfig, key: str) -> str:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, DictConfig) and "name" in value:  # a config group such as schedule=quick
+        return str(value.name)
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    return f"{key.rsplit('.', 1)[-1]}_{value}"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,-]+", "_", name).strip("_") or "run"
+
+
+def _resolve_run_name(*, _root_: DictConfig) -> str:
+    return run_name(_root_)
+
+
+OmegaConf.register_new_resolver("resexp_run_name", _resolve_run_name, replace=True)
+
+
+# --- composing ---------------------------------------------------------------------------------
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The job config for these overrides, as ``resexp train`` would see it.
+
+    Hydra's composition errors become one-line UsageErrors.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            cfg = hydra_compose("config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise UsageError(hydra_error_line(error)) from error
+    return cfg
+
+
+def hydra_error_line(error: BaseException) -> str:
+    """Hydra's multi-line composition errors, cut down to one line a user can act on."""
+    text = str(error).split("Config search path")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
+    if any(line.startswith("Available options") for line in lines):
+        head = [line for line in lines if not line.startswith("Available options")]
+        at = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        options = lines[at + 1 :]
+        group = lines[at].rstrip(":").replace("Available options in", "options for")
+        return f"{' '.join(head).removeprefix(chr(39))}; {group}: {', '.join(options)}"
+    return " ".join(lines) or type(error).__name__
+
+
+# --- checking values ---------------------------------------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def problems(cfg: DictConfig) -> list[str]:
+    """Every invalid value in a job config, one line each (empty when all is well)."""
+    found: list[str] = []
+
+    def need(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            found.append(f"{key} must be {allowed}; got {OmegaConf.select(cfg, key)!r}")
+
+    def one_of(key: str, allowed: tuple) -> None:
+        need(OmegaConf.select(cfg, key) in allowed, key, "one of " + ", ".join(allowed))
+
+    def positive_int(key: str) -> None:
+        value = OmegaConf.select(cfg, key)
+        need(_is_int(value) and value > 0, key, "a positive integer")
+
+    def optional_positive_int(key: str) -> None:
+        value = OmegaConf.select(cfg, key)
+        need(value is None or (_is_int(value) and value > 0), key, "a positive integer or null")
+
+    def number(key: str, low: float, high: float, allowed: str) -> None:
+        value = OmegaConf.select(cfg, key)
+        need(_is_number(value) and low <= value <= high, key, allowed)
+
+    one_of("arch", ARCHS)
+    try:
+        blocks_per_stage(cfg.depth)
+    except UsageError as error:
+        found.append(str(error))
+    one_of("model.shortcut", SHORTCUTS)
+    need(_is_int(cfg.seed) and cfg.seed >= 0, "seed", "a non-negative integer")
+    one_of("device", DEVICES)
+    one_of("precision", PRECISIONS)
+    need(isinstance(cfg.resume, bool), "resume", "true or false")
+
+    for key in ("iterations", "batch_size", "eval_every", "checkpoint_every", "eval_batch_size"):
+        positive_int(f"schedule.{key}")
+    number("schedule.lr", 1e-12, float("inf"), "a positive number")
+    number("schedule.gamma", 1e-12, float("inf"), "a positive number")
+    number("schedule.momentum", 0.0, 0.999999, "a number in [0, 1)")
+    number("schedule.weight_decay", 0.0, float("inf"), "a non-negative number")
+    milestones = cfg.schedule.milestones
+    need(
+        isinstance(milestones, ListConfig)
+        and all(_is_int(m) and m > 0 for m in milestones)
+        and list(milestones) == sorted(milestones),
+        "schedule.milestones",
+        "a list of increasing positive iteration numbers, e.g. [32000,48000]",
+    )
+    number("schedule.warmup.lr", 1e-12, float("inf"), "a positive number")
+    number("schedule.warmup.until_train_error", 1e-12, 1.0, "a fraction in (0, 1]")
+    min_depth = cfg.schedule.warmup.min_depth
+    need(min_depth is None or (_is_int(min_depth) and min_depth >= 0), "schedule.warmup.min_depth",
+         "a non-negative integer, or null for no warm-up")
+    positive_int("schedule.warmup.check_every")
+
+    one_of("data.name", DATA_NAMES)
+    for key in ("train_size", "test_size", "val_size"):
+        optional_positive_int(f"data.{key}")
+    padding = cfg.data.augment.padding
+    need(_is_int(padding) and 0 <= padding <= 16, "data.augment.padding", "an integer from 0 to 16")
+    need(isinstance(cfg.data.augment.flip, bool), "data.augment.flip", "true or false")
+    need(isinstance(cfg.data.resize, bool), "data.resize", "true or false")
+    if cfg.data.name == "imagefolder":
+        need(cfg.data.root is not None, "data.root",
+             "the folder holding train/<class>/* and test/<class>/* for data=imagefolder (e.g. data.root=data/cifar10-jpeg)")
+    return found
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise one UsageError naming every invalid value."""
+    found = problems(cfg)
+    if found:
+        raise UsageError("; ".join(found))
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """What changed between a run's saved config and the config it is resumed with."""
+    differences = []
+
+    def walk(a, b, prefix: str) -> None:
+        if prefix.rstrip(".") in RESUMABLE_DIFFERENCES:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}{key}.")
+        elif a != b:
+            differences.append(f"{prefix.rstrip('.')}: {a!r} -> {b!r}")
+
+    walk(saved, current, "")
+    return differences

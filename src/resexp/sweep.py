@@ -1,0 +1,247 @@
+"""Sweeps: a grid of runs, each in its own folder, then the figures.
+
+``resexp sweep depth=20,56,110`` is a Hydra multirun. Its sweeper (``ResexpSweeper``,
+in ``hydra_plugins/resexp_sweeper``) expands the grid with Hydra's override grammar,
+adds ``arch=plain,resnet`` unless the command says otherwise, leaves out the runs a
+preset excludes, checks every job's config before any trains, names each run folder
+from its config values, and hands the jobs to Hydra's launcher (local by default).
+Each job trains one run and records its outcome; a failing run never stops the others.
+The sweep command then draws the figures from the folders on disk.
+
+Running the same command again resumes the sweep: finished runs are skipped,
+interrupted ones continue from their checkpoint and failed ones are tried again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import config as config_module
+from .errors import UsageError
+from .files import atomic_write_json, read_json
+
+SWEEP_RECORD = "sweep.json"
+BASE_KEYS = ("arch", "depth", "seed")
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+def parse_overrides(arguments: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_overrides(list(arguments))
+    except HydraException as error:
+        raise UsageError(config_module.hydra_error_line(error)) from error
+
+
+def check_no_duplicates(arguments: list[str]) -> None:
+    """Hydra silently keeps the last of ``depth=20 depth=56``; we refuse it."""
+    seen: dict[str, str] = {}
+    for override in parse_overrides(arguments):
+        key = override.get_key_element()
+        if key in seen:
+            raise UsageError(f"{key} is given twice ({seen[key]} and {override.input_line}); "
+                             f"give one {key}=... with a comma-separated list to sweep several values")
+        seen[key] = override.input_line
+
+
+def sweep_name(arguments: list[str]) -> str:
+    """A readable folder name made from the overrides: ``depth=20,56 schedule=quick`` -> ``depth20-56_quick``.
+
+    Keys are sorted so that the order the overrides were typed in does not matter.
+    """
+    parts = []
+    for override in sorted(parse_overrides(arguments), key=lambda o: o.get_key_element()):
+        key = override.get_key_element().lstrip("+~")
+        if key.startswith("hydra.") or key in ("name", "out", "progress", "resume"):
+            continue
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() \
+            else [override.get_value_element_as_str()]
+        if key in ("experiment", "data", "schedule"):  # group choices read well alone
+            parts.append("-".join(values))
+        else:
+            parts.append(key.rsplit(".", 1)[-1] + "-".join(values))
+    return config_module._safe("_".join(parts)) if parts else "sweep"
+
+
+def expand_grid(default_params: dict, arguments: list[str], exclude: list[dict]) -> tuple[list[list[str]], list[str]]:
+    """The jobs (one override list each) and the keys that vary between them.
+
+    ``default_params`` (``hydra.sweeper.params``: plain and resnet by default, or a preset's
+    grid) apply unless the command line sets the same key. A job matching every key/value
+    of an ``exclude`` entry is left out.
+    """
+    check_no_duplicates(arguments)
+    given = {o.get_key_element() for o in parse_overrides(arguments)}
+    defaults = [f"{key}={value}" for key, value in default_params.items() if key not in given]
+    axes = []
+    for override in parse_overrides(defaults + list(arguments)):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                raise UsageError(f"{override.input_line}: only lists (a,b,c), range() and choice() can be swept")
+            values = list(override.sweep_string_iterator())
+        else:
+            values = [override.get_value_element_as_str()]
+        axes.append((key, values))
+
+    jobs = []
+    for combination in itertools.product(*[[(key, v) for v in values] for key, values in axes]):
+        chosen = dict(combination)
+        if any(all(str(chosen.get(k)) == str(v) for k, v in rule.items()) for rule in exclude):
+            continue
+        jobs.append([f"{key}={value}" for key, value in combination])
+    swept = sorted({key.lstrip("+~") for key, values in axes
+                    if len({dict(item.split("=", 1) for item in job)[key] for job in jobs}) > 1})
+    if not jobs:
+        raise UsageError("the sweep has no runs left after its exclusions")
+    return jobs, swept
+
+
+def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[str]], DictConfig]):
+    """Check every job's config and name its run folder; one error lists every bad value."""
+    found: list[str] = []
+    planned = []
+    extra = [f"sweep.keys=[{','.join(swept)}]", f"sweep.size={len(jobs)}"]
+    for job in jobs:
+        overrides = job + extra
+        try:
+            cfg = compose(overrides)
+        except UsageError as error:
+            found.append(str(error))
+            continue
+        except Exception as error:  # Hydra's composition errors
+            found.append(config_module.hydra_error_line(error))
+            continue
+        problems = config_module.problems(cfg)
+        found += problems
+        if not problems:
+            planned.append({"run": config_module.run_name(cfg), "overrides": overrides})
+    if found:
+        unique = list(dict.fromkeys(found))
+        raise UsageError(f"the sweep has {len(unique)} invalid value(s), nothing was run: " + "; ".join(unique))
+    names = [job["run"] for job in planned]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise UsageError(f"several runs would share the folder {clashes[0]}; sweep fewer keys or give them distinct values")
+    return planned
+
+
+def write_sweep_record(sweep_dir: Path, record: dict) -> None:
+    atomic_write_json(sweep_dir / SWEEP_RECORD, record)
+
+
+def read_sweep_record(sweep_dir: Path) -> dict | None:
+    path = Path(sweep_dir) / SWEEP_RECORD
+    try:
+        return read_json(path) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+# --- one job ------------------------------------------------------------------------------------
+
+def run_job(cfg: DictConfig, run_dir: str, job_number: int | None = None) -> dict:
+    """Train one run of a sweep; record, rather than raise, anything that goes wrong with it."""
+    from .train import RESULT, train
+
+    run_dir = Path(run_dir)
+    total = cfg.sweep.size
+    if job_number is not None and total:
+        print(f"[sweep {job_number + 1}/{total}] {run_dir.name}{sweep_eta(run_dir.parent, job_number, total)}",
+              file=sys.stderr, flush=True)
+    try:
+        return train(cfg, run_dir)
+    except UsageError as error:
+        message = str(error)
+    except Exception as error:  # any other crash: keep the traceback beside the run, go on with the sweep
+        message = f"{type(error).__name__}: {error}"
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+    print(f"{run_dir.name}: failed: {message}", file=sys.stderr, flush=True)
+    previous = {}
+    try:
+        previous = read_json(run_dir / RESULT)
+    except (OSError, ValueError):
+        pass
+    record = {**previous, "status": "failed", "run_name": run_dir.name, "arch": cfg.arch, "depth": cfg.depth,
+              "seed": cfg.seed, "error": message}
+    atomic_write_json(run_dir / RESULT, record)
+    return {**record, "outcome": "failed"}
+
+
+def sweep_eta(sweep_dir: Path, job_number: int, total: int) -> str:
+    """A rough ETA from the wall time of the runs already finished in this sweep folder."""
+    times = []
+    for result in sweep_dir.glob("*/result.json"):
+        try:
+            record = read_json(result)
+        except (OSError, ValueError):
+            continue
+        if record.get("status") == "done" and record.get("wall_time_s"):
+            times.append(record["wall_time_s"])
+    if not times:
+        return ""
+    remaining = (total - job_number) * sum(times) / len(times)
+    return f" (ETA {format_duration(remaining)} for the remaining runs)"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# --- after the sweep ----------------------------------------------------------------------------
+
+def outcome_table(record: dict) -> tuple[str, bool]:
+    """The end-of-sweep table and whether any run failed."""
+    rows = [("run", "status", "train err", "test err", "iterations", "time")]
+    any_failed = False
+    for job in record.get("runs", []):
+        outcome = job.get("outcome") or "not run"
+        result = job.get("result") or {}
+        status = result.get("status", outcome)
+        shown = {"skipped": "skipped", "resumed": "resumed", "failed": "failed"}.get(outcome, status)
+        if status in ("diverged", "interrupted"):
+            shown = status
+        any_failed |= status in ("failed",) or outcome in ("failed", "not run")
+        rows.append((job["run"], shown, _percent(result.get("final_train_error")),
+                     _percent(result.get("final_test_error")),
+                     f"{result.get('iterations_done', '')}/{result.get('iterations', '')}",
+                     format_duration(result["wall_time_s"]) if result.get("wall_time_s") else ""))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines), any_failed
+
+
+def _percent(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}%"
+
+
+def finished_record(sweep_dir: Path, record: dict, results: list) -> dict:
+    """The sweep record with each run's outcome and result filled in."""
+    runs = []
+    for job, job_return in zip(record["runs"], results):
+        value = getattr(job_return, "_return_value", None)
+        outcome = value.get("outcome") if isinstance(value, dict) else "failed"
+        result = value if isinstance(value, dict) else None
+        runs.append({**job, "outcome": outcome,
+                     "result": {k: v for k, v in (result or {}).items() if k != "outcome"} or None})
+    return {**record, "runs": runs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def planned_config(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=False)
