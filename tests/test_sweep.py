@@ -1,0 +1,103 @@
+"""Sweeps: grid expansion and validation, stable folder names, resume semantics."""
+
+import json
+
+import pytest
+
+from resexp import cli
+from resexp import config as config_module
+from resexp.errors import UsageError
+from resexp.sweep import expand_grid, plan_jobs, sweep_name
+from resexp.train import train
+
+DEFAULTS = {"arch": "plain,resnet"}
+
+
+def compose(overrides):
+    return config_module.compose(list(overrides))
+
+
+def test_grid_is_plain_and_resnet_times_the_given_values():
+    jobs, swept = expand_grid(DEFAULTS, ["depth=20,56,110", "seed=0,1"], [])
+    assert len(jobs) == 2 * 3 * 2
+    assert swept == ["arch", "depth", "seed"]
+    assert ["arch=plain", "depth=56", "seed=1"] in jobs
+
+
+def test_command_line_arch_replaces_the_default_pair():
+    jobs, swept = expand_grid(DEFAULTS, ["arch=resnet", "depth=20,32"], [])
+    assert jobs == [["arch=resnet", "depth=20"], ["arch=resnet", "depth=32"]]
+    assert swept == ["depth"]
+
+
+def test_excluded_runs_are_left_out():
+    jobs, _ = expand_grid({"arch": "plain,resnet", "depth": "20,110"}, [], [{"arch": "plain", "depth": 110}])
+    assert ["arch=plain", "depth=110"] not in jobs and len(jobs) == 3
+
+
+def test_range_sweeps_expand():
+    jobs, _ = expand_grid({}, ["arch=plain", "seed=range(0,3)"], [])
+    assert [job[1] for job in jobs] == ["seed=0", "seed=1", "seed=2"]
+
+
+def test_duplicate_keys_are_an_error():
+    with pytest.raises(UsageError, match="depth is given twice"):
+        expand_grid(DEFAULTS, ["depth=20", "depth=56"], [])
+
+
+def test_every_bad_value_of_the_grid_is_reported_before_anything_runs():
+    jobs, swept = expand_grid(DEFAULTS, ["depth=20,21,27", "schedule.lr=0.1,-1"], [])
+    with pytest.raises(UsageError) as caught:
+        plan_jobs(jobs, swept, compose)
+    message = str(caught.value)
+    assert "got 21" in message and "got 27" in message and "schedule.lr must be a positive number; got -1" in message
+    assert "\n" not in message
+
+
+def test_run_folders_are_named_from_config_values():
+    jobs, swept = expand_grid(DEFAULTS, ["depth=20", "model.shortcut=A,B", "schedule=quick"], [])
+    names = [job["run"] for job in plan_jobs(jobs, swept, compose)]
+    assert names == ["plain-20-s0-shortcut_A", "plain-20-s0-shortcut_B",
+                     "resnet-20-s0-shortcut_A", "resnet-20-s0-shortcut_B"]
+
+
+def test_names_do_not_depend_on_how_overrides_were_typed():
+    first = ["depth=20,56", "schedule=quick", "data.train_size=1000"]
+    second = ["data.train_size=1000", "schedule=quick", "depth=20, 56"]
+    assert sweep_name(first) == sweep_name(second) == "train_size1000_depth20-56_quick"
+    names = [[job["run"] for job in plan_jobs(*expand_grid(DEFAULTS, overrides, []), compose)]
+             for overrides in (first, second)]
+    assert sorted(names[0]) == sorted(names[1])
+    assert not any(name.isdigit() for name in names[0])  # never Hydra's job number
+
+
+def test_group_sweeps_name_runs_by_the_option():
+    jobs, swept = expand_grid({}, ["arch=resnet", "schedule=smoke,quick"], [])
+    assert sorted(job["run"] for job in plan_jobs(jobs, swept, compose)) == ["resnet-20-s0-quick", "resnet-20-s0-smoke"]
+
+
+def test_rerun_skips_finished_continues_partial_and_retries_failed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["depth=8", "schedule=smoke", "data=synthetic", "progress=false", "name=demo"]
+    assert cli.main(["sweep", *args]) == 0
+    sweep_dir = tmp_path / "outputs" / "demo"
+    runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert runs == ["plain-8-s0", "resnet-8-s0"]
+
+    # plain-8: interrupted after 2 of 8 iterations; resnet-8: crashed before its first checkpoint.
+    cfg = compose(["arch=plain", "depth=8", "schedule=smoke", "data=synthetic", "progress=false", "resume=false"])
+    train(cfg, sweep_dir / "plain-8-s0", stop_after=2)
+    failed = sweep_dir / "resnet-8-s0" / "result.json"
+    failed.write_text(json.dumps({**json.loads(failed.read_text()), "status": "failed"}))
+    (sweep_dir / "resnet-8-s0" / "checkpoint.pt").unlink()
+
+    assert cli.main(["sweep", *args]) == 0
+    outcomes = {job["run"]: job["outcome"] for job in json.loads((sweep_dir / "sweep.json").read_text())["runs"]}
+    assert outcomes == {"plain-8-s0": "resumed", "resnet-8-s0": "trained"}
+    assert cli.main(["sweep", *args]) == 0
+    outcomes = {job["run"]: job["outcome"] for job in json.loads((sweep_dir / "sweep.json").read_text())["runs"]}
+    assert outcomes == {"plain-8-s0": "skipped", "resnet-8-s0": "skipped"}
+    table = capsys.readouterr().out
+    assert "plain-8-s0" in table and "skipped" in table
+    for name in ("curves.png", "error_vs_depth.png", "summary.md", "summary.csv"):
+        assert (sweep_dir / name).stat().st_size > 0
