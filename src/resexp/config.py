@@ -14,7 +14,7 @@ from numbers import Integral, Real
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UsageError
-from .models import ARCHS, SHORTCUTS, blocks_per_stage
+from .models import ARCHS, BLOCKS, FAMILIES, SHORTCUTS, blocks_per_stage, check_mlp_depth
 
 CONFIG_MODULE = "resexp.conf"
 DATA_NAMES = ("cifar10", "imagefolder", "synthetic")
@@ -22,7 +22,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Keys that may differ when a run resumes: where results go and how they are shown,
 # not what is trained.
-RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "sweep", "data.root", "data.download")
+RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "compile", "sweep", "data.root",
+                         "data.download")
 
 
 # --- run names ---------------------------------------------------------------------------------
@@ -130,15 +131,24 @@ def problems(cfg: DictConfig) -> list[str]:
         need(_is_number(value) and low <= value <= high, key, allowed)
 
     one_of("arch", ARCHS)
+    one_of("model.family", FAMILIES)
     try:
-        blocks_per_stage(cfg.depth)
+        # Fully connected nets take any depth from 2; the conv nets need 6n+2.
+        if OmegaConf.select(cfg, "model.family") == "mlp":
+            check_mlp_depth(cfg.depth)
+        else:
+            blocks_per_stage(cfg.depth)
     except UsageError as error:
         found.append(str(error))
     one_of("model.shortcut", SHORTCUTS)
+    one_of("model.block", BLOCKS)
+    number("model.residual_scale", -float("inf"), float("inf"), "a finite number")
+    positive_int("model.width")
     need(_is_int(cfg.seed) and cfg.seed >= 0, "seed", "a non-negative integer")
     one_of("device", DEVICES)
     one_of("precision", PRECISIONS)
     need(isinstance(cfg.resume, bool), "resume", "true or false")
+    need(cfg.compile in ("auto", True, False), "compile", "auto, true or false")
 
     for key in ("iterations", "batch_size", "eval_every", "checkpoint_every", "eval_batch_size"):
         positive_int(f"schedule.{key}")

@@ -100,6 +100,64 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def resolve_compile(setting, device: torch.device) -> bool:
+    """``compile=auto`` compiles on CUDA only: on a CPU the compile time outweighs short runs."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def configure_backend(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    else:
+        # Use the cores this process may run on (a cluster job or taskset may allow fewer than exist).
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity")
+                              else torch.get_num_threads())
+
+
+def make_optimizer(model, schedule, device: torch.device) -> torch.optim.SGD:
+    """SGD with momentum and weight decay on every parameter, as the paper (and fb.resnet.torch) did."""
+    return torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
+                           weight_decay=schedule.weight_decay,
+                           fused=True if device.type == "cuda" else None)  # one kernel for all parameters
+
+
+class TrainStep:
+    """One SGD step: forward, backward, update.
+
+    Returns the loss and the number of wrong predictions as device tensors, so the loop
+    never waits for the GPU. With ``compile_model`` the forward and backward pass run
+    through torch.compile; if compiling fails, the step warns once and runs eagerly.
+    """
+
+    def __init__(self, model, optimizer, scaler, amp, compile_model: bool = False):
+        self.model = model
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.amp = amp
+        self.forward = torch.compile(model) if compile_model else model
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return self._step(x, y)
+        except Exception as error:
+            if self.forward is self.model:
+                raise
+            print(f"warning: torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                  "training without compiling", file=sys.stderr)
+            self.forward = self.model
+            return self._step(x, y)
+
+    def _step(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.amp:
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits.float(), y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), (logits.detach().argmax(1) != y).sum()
+
+
 # --- evaluation ---------------------------------------------------------------------------------
 
 def evaluate(model, images, labels, mean, batch_size: int, amp) -> tuple[float, float]:
@@ -214,6 +272,13 @@ def threading_is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def out_of_memory_message(run: str, batch_size: int, device: torch.device) -> str:
+    used = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0
+    return (f"{run}: out of GPU memory at batch size {batch_size} (peak {used:.1f} GiB of {total:.1f} GiB); "
+            "use a smaller schedule.batch_size or fewer runs per GPU")
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None = None) -> dict:
@@ -246,8 +311,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    configure_backend(device)
 
     data = load_data(
         cfg.data.name, cfg.data.root, train_size=cfg.data.train_size, test_size=cfg.data.test_size,
@@ -265,10 +329,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
     model = build_model(cfg.arch, cfg.depth, cfg.model.shortcut, num_classes=len(data.classes))
     model = model.to(device, memory_format=torch.channels_last)
     parameters = count_parameters(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
-                                weight_decay=schedule.weight_decay)
+    optimizer = make_optimizer(model, schedule, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     amp = autocast(device, precision)
+    step = TrainStep(model, optimizer, scaler, amp, compile_model=resolve_compile(cfg.compile, device))
 
     # State that a checkpoint restores.
     iteration = 0
@@ -344,81 +408,77 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
     interval_start = time.perf_counter()
     model.train()
 
-    with StopSignals() as stop:
-        while iteration < schedule.iterations:
-            warming_up = warmup_done_at is None
-            lr = learning_rate(iteration, lr=schedule.lr, milestones=schedule.milestones, gamma=schedule.gamma,
-                               warming_up=warming_up, warmup_lr=schedule.warmup.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    try:
+        with StopSignals() as stop:
+            while iteration < schedule.iterations:
+                warming_up = warmup_done_at is None
+                lr = learning_rate(iteration, lr=schedule.lr, milestones=schedule.milestones, gamma=schedule.gamma,
+                                   warming_up=warming_up, warmup_lr=schedule.warmup.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
-            x, y = batches.batch(iteration)
-            x = x.contiguous(memory_format=torch.channels_last)
-            with amp:
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            iteration += 1
+                x, y = batches.batch(iteration)
+                loss, wrong = step(x.contiguous(memory_format=torch.channels_last), y)
+                iteration += 1
 
-            # Statistics stay on the device; reading them forces a sync, so that happens only at checks.
-            wrong = (logits.detach().argmax(1) != y).sum()
-            step_stats += torch.stack([loss.detach().double() * len(y), wrong.double(),
-                                       torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
-            if warming_up:
-                warmup_stats += torch.stack([wrong.double(), torch.tensor(float(len(y)), dtype=torch.float64,
-                                                                          device=device)])
-                if iteration % schedule.warmup.check_every == 0:
-                    errors, seen = warmup_stats.tolist()
-                    warmup_stats.zero_()
-                    if errors / seen < schedule.warmup.until_train_error:
-                        warmup_done_at = iteration
-                        progress.write(f"{run_dir.name}: warm-up done at iteration {iteration} "
-                                       f"(training error {errors / seen:.1%}); lr back to {schedule.lr}")
-            progress.update(1)
+                # Statistics stay on the device; reading them forces a sync, so that happens only at checks.
+                step_stats += torch.stack([loss.double() * len(y), wrong.double(),
+                                           torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+                if warming_up:
+                    warmup_stats += torch.stack([wrong.double(), torch.tensor(float(len(y)), dtype=torch.float64,
+                                                                              device=device)])
+                    if iteration % schedule.warmup.check_every == 0:
+                        errors, seen = warmup_stats.tolist()
+                        warmup_stats.zero_()
+                        if errors / seen < schedule.warmup.until_train_error:
+                            warmup_done_at = iteration
+                            progress.write(f"{run_dir.name}: warm-up done at iteration {iteration} "
+                                           f"(training error {errors / seen:.1%}); lr back to {schedule.lr}")
+                progress.update(1)
 
-            is_last = iteration == schedule.iterations
-            if iteration % schedule.eval_every == 0 or is_last:
-                now = time.perf_counter()
-                loss_sum, errors, seen = step_stats.tolist()
-                step_stats.zero_()
-                train_time_s += now - interval_start
-                test_loss, test_error = evaluate(model, test_images, test_labels, mean,
-                                                 schedule.eval_batch_size, amp)
-                train_loss = loss_sum / seen
-                record = {
-                    "iteration": iteration, "epoch": round(iteration / batches.steps_per_epoch, 3), "lr": lr,
-                    "train_loss": train_loss, "train_error": errors / seen,
-                    "test_loss": test_loss, "test_error": test_error, "eval_set": data.eval_set,
-                    "time_s": round(elapsed(), 3),
-                    "images_per_s": round(seen / max(now - interval_start, 1e-9), 1),
-                }
-                append_jsonl(run_dir / METRICS, record)
-                progress.set_postfix(lr=f"{lr:.3g}", loss=f"{train_loss:.3f}", err=f"{errors / seen:.1%}",
-                                     test=f"{test_error:.1%}", ips=f"{record['images_per_s']:.0f}")
-                interval_start = time.perf_counter()
-                if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
-                    progress.close()
+                is_last = iteration == schedule.iterations
+                if iteration % schedule.eval_every == 0 or is_last:
+                    now = time.perf_counter()
+                    loss_sum, errors, seen = step_stats.tolist()
+                    step_stats.zero_()
+                    train_time_s += now - interval_start
+                    test_loss, test_error = evaluate(model, test_images, test_labels, mean,
+                                                     schedule.eval_batch_size, amp)
+                    train_loss = loss_sum / seen
+                    record = {
+                        "iteration": iteration, "epoch": round(iteration / batches.steps_per_epoch, 3), "lr": lr,
+                        "train_loss": train_loss, "train_error": errors / seen,
+                        "test_loss": test_loss, "test_error": test_error, "eval_set": data.eval_set,
+                        "time_s": round(elapsed(), 3),
+                        "images_per_s": round(seen / max(now - interval_start, 1e-9), 1),
+                    }
+                    append_jsonl(run_dir / METRICS, record)
+                    progress.set_postfix(lr=f"{lr:.3g}", loss=f"{train_loss:.3f}", err=f"{errors / seen:.1%}",
+                                         test=f"{test_error:.1%}", ips=f"{record['images_per_s']:.0f}")
+                    interval_start = time.perf_counter()
+                    if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+                        progress.close()
+                        save_checkpoint()
+                        print(f"{run_dir.name}: diverged at iteration {iteration} (loss {train_loss}); "
+                              "the run stops here", file=sys.stderr)
+                        return {**result("diverged", diverged_at=iteration), "outcome": outcome}
+                    best_test_error = min(best_test_error, test_error)
+
+                if iteration % schedule.checkpoint_every == 0 or is_last:
                     save_checkpoint()
-                    print(f"{run_dir.name}: diverged at iteration {iteration} (loss {train_loss}); "
-                          "the run stops here", file=sys.stderr)
-                    return {**result("diverged", diverged_at=iteration), "outcome": outcome}
-                best_test_error = min(best_test_error, test_error)
+                if stop.received is not None or (stop_after is not None and iteration >= stop_after):
+                    train_time_s += time.perf_counter() - interval_start
+                    interval_start = time.perf_counter()
+                    save_checkpoint()
+                    progress.close()
+                    if stop.received is not None:
+                        result("interrupted")
+                        raise RunInterrupted(stop.received)
+                    return {**result("interrupted"), "outcome": "stopped"}
 
-            if iteration % schedule.checkpoint_every == 0 or is_last:
-                save_checkpoint()
-            if stop.received is not None or (stop_after is not None and iteration >= stop_after):
-                train_time_s += time.perf_counter() - interval_start
-                interval_start = time.perf_counter()
-                save_checkpoint()
-                progress.close()
-                if stop.received is not None:
-                    result("interrupted")
-                    raise RunInterrupted(stop.received)
-                return {**result("interrupted"), "outcome": "stopped"}
-
+    except torch.OutOfMemoryError as error:
+        progress.close()
+        raise UsageError(out_of_memory_message(run_dir.name, schedule.batch_size, device)) from error
     progress.close()
     return {**result("done"), "outcome": outcome}
 
