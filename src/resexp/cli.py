@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as leaving:
         return leaving.code if isinstance(leaving.code, int) else (0 if leaving.code is None else 1)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now; every file on disk is whole (atomic writes)
+        print("\nstopped; the last checkpoint is intact: run the same command to resume", file=sys.stderr)
+        return 130
 
 
 def entry() -> None:

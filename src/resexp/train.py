@@ -225,13 +225,27 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def existing_result(run_dir: Path) -> dict | None:
+    """The run's result.json; a damaged one is reported and ignored (the checkpoint decides)."""
     path = run_dir / RESULT
     if not path.exists():
         return None
     try:
-        return read_json(path)
+        result = read_json(path)
+        if not isinstance(result, dict) or "status" not in result:
+            raise ValueError("no status")
+        return result
     except (OSError, ValueError):
+        print(f"warning: {path} is damaged; continuing from the checkpoint, which rewrites it", file=sys.stderr)
         return None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS
+    try:
+        return read_jsonl(path)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path} is damaged ({error}); resume=false starts this run over, "
+                         "or repair the file by removing the broken lines") from error
 
 
 def start_over(run_dir: Path) -> None:
@@ -358,7 +372,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         # Metrics written after the checkpoint are recomputed: drop them so curves have no duplicates.
-        kept = [m for m in read_jsonl(run_dir / METRICS) if m["iteration"] <= iteration]
+        kept = [m for m in read_metrics(run_dir) if m["iteration"] <= iteration]
         atomic_write_text(run_dir / METRICS, "".join(_json_line(m) for m in kept))
         outcome = "resumed"
     else:
@@ -369,7 +383,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
                                               "precision": precision})
 
     def result(status: str, **extra) -> dict:
-        metrics = read_jsonl(run_dir / METRICS)
+        metrics = read_metrics(run_dir)
         last = metrics[-1] if metrics else {}
         record = {
             "status": status, "run_name": run_dir.name, "arch": cfg.arch, "depth": cfg.depth, "seed": cfg.seed,
@@ -396,7 +410,12 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
             "config": config,
         }
-        atomic_write(run_dir / CHECKPOINT, lambda f: torch.save(state, f))
+        try:
+            atomic_write(run_dir / CHECKPOINT, lambda f: torch.save(state, f))
+        except OSError as error:  # e.g. a full disk: the temporary file is gone, the old checkpoint intact
+            kept = "the previous checkpoint is intact" if (run_dir / CHECKPOINT).exists() else "no checkpoint yet"
+            raise UsageError(f"could not write {run_dir / CHECKPOINT} ({error.strerror or error}); {kept}; "
+                             "free some space and run the same command to resume") from error
 
     session_start = time.perf_counter()
 

@@ -1,0 +1,137 @@
+"""Nothing lost: interruptions at awkward moments, divergence, damaged files, a full disk."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import resexp.train as train_module
+from resexp import config as config_module
+from resexp.errors import UsageError
+from resexp.train import CHECKPOINT, RunInterrupted, train
+
+SMOKE = ["data=synthetic", "schedule=smoke", "progress=false", "arch=plain", "depth=8",
+         "schedule.iterations=12", "schedule.milestones=[6,9]"]
+VOLATILE = ("time_s", "images_per_s")
+
+
+def compose(*overrides):
+    return config_module.compose([*SMOKE, *overrides])
+
+
+def metrics(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def interrupt_self():
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("moment", ["evaluation", "checkpoint"])
+def test_signal_during_evaluation_or_checkpoint_resumes_exactly(tmp_path, monkeypatch, moment):
+    cfg = compose()
+    train(cfg, tmp_path / "straight")
+
+    calls = {"n": 0}
+    if moment == "evaluation":
+        real = train_module.evaluate
+
+        def evaluate_then_signal(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                interrupt_self()
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train_module, "evaluate", evaluate_then_signal)
+    else:
+        real = train_module.atomic_write
+
+        def write_then_signal(path, *args, **kwargs):
+            if str(path).endswith(CHECKPOINT):
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    interrupt_self()
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(train_module, "atomic_write", write_then_signal)
+
+    with pytest.raises(RunInterrupted) as caught:
+        train(cfg, tmp_path / "resumed")
+    assert caught.value.exit_code == 130
+    assert json.loads((tmp_path / "resumed" / "result.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    assert train(cfg, tmp_path / "resumed")["outcome"] == "resumed"
+    assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")
+
+
+def test_ctrl_c_in_a_real_terminal_session_exits_130_and_resumes(tmp_path):
+    command = [sys.executable, "-m", "resexp", "train", *SMOKE, "schedule.iterations=400",
+               "schedule.eval_every=20", "schedule.checkpoint_every=20", f"out={tmp_path}", "name=run"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "run the same command to resume" in err and "Traceback" not in err
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "interrupted"
+    checkpoint = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    assert checkpoint["iteration"] == result["iterations_done"]
+    assert all(m["iteration"] <= checkpoint["iteration"] for m in metrics(tmp_path / "run"))
+
+
+def test_divergence_stops_the_run_and_keeps_finite_metrics(tmp_path, capsys):
+    result = train(compose("schedule.lr=1e30", "schedule.eval_every=2"), tmp_path / "run")
+    assert result["status"] == "diverged"
+    assert result["diverged_at"] == 2 or result["diverged_at"] == 4
+    assert result["iterations_done"] == result["diverged_at"] < 12
+    assert "diverged at iteration" in capsys.readouterr().err
+    # A diverged run is finished: running it again does not train it again.
+    assert train(compose("schedule.lr=1e30", "schedule.eval_every=2"), tmp_path / "run")["outcome"] == "skipped"
+
+
+def test_damaged_metrics_file_is_reported_with_the_users_choice(tmp_path):
+    cfg = compose()
+    train(cfg, tmp_path / "run", stop_after=5)
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.write_text("{broken\n" + path.read_text())
+    with pytest.raises(UsageError, match=r"metrics.jsonl is damaged.*resume=false"):
+        train(cfg, tmp_path / "run")
+
+
+def test_damaged_result_file_does_not_lose_the_run(tmp_path, capsys):
+    cfg = compose()
+    first = train(cfg, tmp_path / "run")
+    (tmp_path / "run" / "result.json").write_text('{"status": "do')
+    again = train(cfg, tmp_path / "run")
+    assert "result.json is damaged" in capsys.readouterr().err
+    assert again["status"] == "done" and again["final_test_error"] == first["final_test_error"]
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = compose()
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def save_until_disk_is_full(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.torch, "save", save_until_disk_is_full)
+    with pytest.raises(UsageError, match="No space left on device.*previous checkpoint is intact"):
+        train(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    checkpoint = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    assert checkpoint["iteration"] == cfg.schedule.checkpoint_every
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
