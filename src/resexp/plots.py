@@ -33,6 +33,7 @@ import io
 import logging
 import math
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,16 +143,20 @@ def _load_run(path: Path) -> RunRecord:
     config = _read_config(path / "config.yaml")
     result = None
     if (path / "result.json").is_file():
+        # One damaged file must not stop the figures of a whole sweep: warn and draw the rest.
         try:
             result = read_json(path / "result.json")
+            if not isinstance(result, dict):
+                raise ValueError("expected a JSON object")
         except (ValueError, OSError) as e:
-            raise UsageError(f"{path / 'result.json'}: unreadable ({e})") from None
-        if not isinstance(result, dict):
-            raise UsageError(f"{path / 'result.json'}: expected a JSON object")
+            print(f"warning: {path / 'result.json'} is unreadable ({e}); its run is shown from its metrics",
+                  file=sys.stderr)
+            result = None
     try:
         metrics = read_jsonl(path / "metrics.jsonl")
     except (ValueError, OSError) as e:
-        raise UsageError(f"{path / 'metrics.jsonl'}: unreadable ({e})") from None
+        print(f"warning: {path / 'metrics.jsonl'} is unreadable ({e}); its curves are left out", file=sys.stderr)
+        metrics = []
     metrics = _clean_metrics(metrics)
 
     def pick(key):
