@@ -54,12 +54,21 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def _jsonl_line(record: dict) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line and push it to disk (a run's metrics survive a crash)."""
     with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write(_jsonl_line(record))
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Replace a JSON-lines file atomically."""
+    atomic_write_text(path, "".join(_jsonl_line(record) for record in records))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -36,7 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as config_module
 from .data import TrainBatches, load_data, normalize, pixel_mean
 from .errors import UsageError
-from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl,
+                    write_jsonl)
 from .models import build_model, count_parameters
 
 CHECKPOINT = "checkpoint.pt"
@@ -373,7 +374,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         # Metrics written after the checkpoint are recomputed: drop them so curves have no duplicates.
         kept = [m for m in read_metrics(run_dir) if m["iteration"] <= iteration]
-        atomic_write_text(run_dir / METRICS, "".join(_json_line(m) for m in kept))
+        write_jsonl(run_dir / METRICS, kept)
         outcome = "resumed"
     else:
         (run_dir / METRICS).unlink(missing_ok=True)
@@ -507,9 +508,3 @@ def _progress_bar(cfg: DictConfig, label: str, start: int):
 
     return tqdm(total=cfg.schedule.iterations, initial=start, desc=label, unit="it", dynamic_ncols=True,
                 disable=not cfg.progress, file=sys.stderr, mininterval=1.0)
-
-
-def _json_line(record: dict) -> str:
-    import json
-
-    return json.dumps(record, sort_keys=True) + "\n"
