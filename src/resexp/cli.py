@@ -86,11 +86,20 @@ def train_app(cfg: DictConfig) -> None:
     try:
         result = train(cfg, run_dir)
     except UsageError as error:
+        remove_if_unused(run_dir)
         exit_with(error)
     except RunInterrupted as interrupt:
         print(f"{run_dir.name}: interrupted at a checkpoint; run the same command to resume", file=sys.stderr)
         raise SystemExit(interrupt.exit_code)
     print_result(result, run_dir)
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """A run refused before it started leaves no folder behind (Hydra makes it, with .hydra/)."""
+    import shutil
+
+    if run_dir.is_dir() and all(path.name == ".hydra" for path in run_dir.iterdir()):
+        shutil.rmtree(run_dir)
 
 
 def print_result(result: dict, run_dir: Path) -> None:
@@ -144,8 +153,10 @@ def sweep_command(args: list[str]) -> int:
     flags, overrides = split_flags(args)
     flags = [flag for flag in flags if flag not in ("-m", "--multirun")]
     if INFO_FLAGS.intersection(flags):
-        register_sweeper()
-        run_hydra_app(sweep_app, ["-m", *flags, *overrides])
+        # Hydra shows --cfg/--info for one job, not a multirun: show the grid's first job.
+        first = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
+                 else o.input_line for o in sweep_module.parse_overrides(overrides)]
+        run_hydra_app(sweep_app, [*flags, *first])
         return 0
     sweep_module.check_no_duplicates(overrides)
     fixed = [o.input_line for o in sweep_module.parse_overrides(overrides) if not o.is_sweep_override()]
@@ -153,7 +164,6 @@ def sweep_command(args: list[str]) -> int:
     named = [o for o in sweep_module.parse_overrides(overrides) if o.get_key_element() == "name"]
     name = named[0].get_value_element_as_str() if named else sweep_module.sweep_name(overrides)
     sweep_dir = Path(base.out) / name
-    print(f"sweep folder: {sweep_dir}", file=sys.stderr)
 
     exit_code = 0
     register_sweeper()

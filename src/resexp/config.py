@@ -22,8 +22,9 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Keys that may differ when a run resumes: where results go and how they are shown,
 # not what is trained.
-RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "compile", "sweep", "data.root",
-                         "data.download")
+RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "compile", "sweep", "launcher",
+                         "data.root", "data.download")
+_MISSING = object()
 
 
 # --- run names ---------------------------------------------------------------------------------
@@ -89,8 +90,8 @@ def hydra_error_line(error: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
     if any(line.startswith("Available options") for line in lines):
-        head = [line for line in lines if not line.startswith("Available options")]
         at = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        head = lines[:at]
         options = lines[at + 1 :]
         group = lines[at].rstrip(":").replace("Available options in", "options for")
         return f"{' '.join(head).removeprefix(chr(39))}; {group}: {', '.join(options)}"
@@ -192,15 +193,19 @@ def check(cfg: DictConfig) -> None:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """What changed between a run's saved config and the config it is resumed with."""
+    """What changed between a run's saved config and the config it is resumed with.
+
+    Keys the saved config lacks are options added since the run started; their defaults
+    keep the old behaviour, so they are not differences.
+    """
     differences = []
 
     def walk(a, b, prefix: str) -> None:
-        if prefix.rstrip(".") in RESUMABLE_DIFFERENCES:
+        if prefix.rstrip(".") in RESUMABLE_DIFFERENCES or a is _MISSING:
             return
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
-                walk(a.get(key), b.get(key), f"{prefix}{key}.")
+                walk(a.get(key, _MISSING), b.get(key), f"{prefix}{key}.")
         elif a != b:
             differences.append(f"{prefix.rstrip('.')}: {a!r} -> {b!r}")
 

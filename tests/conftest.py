@@ -1,0 +1,22 @@
+"""Shared fixtures for the tests that run the installed ``resexp`` command."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def cli_env() -> dict[str, str]:
+    """Environment for ``resexp`` subprocesses: no traceback switches, no GPU, one thread each.
+
+    Tracebacks are opt-in (HYDRA_FULL_ERROR / RESEXP_TRACEBACK), so a developer's shell
+    must not turn them on for tests that check the one-line errors. Hiding GPUs makes
+    ``device=cuda`` an error on every machine. Several commands run at once, so each
+    keeps to one CPU thread.
+    """
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("HYDRA_FULL_ERROR", "RESEXP_TRACEBACK", "PYTHONPATH")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONNOUSERSITE="1")
+    return env
