@@ -177,6 +177,10 @@ def sweep_command(args: list[str]) -> int:
         exit_code = 130
 
     record = sweep_module.read_sweep_record(sweep_dir)
+    if exit_code == 0 and record is not None and record.get("runs") and \
+            all(job.get("outcome") == "submitted" for job in record["runs"]):
+        print(f"submitted; follow with: resexp status {sweep_dir}")
+        return 0
     if record is not None and exit_code == 0:
         table, any_failed = sweep_module.outcome_table(record)
         print(table)
@@ -221,7 +225,13 @@ def plot_command(args: list[str]) -> int:
 
 # --- entry point --------------------------------------------------------------------------------
 
-COMMANDS = {"train": train_command, "sweep": sweep_command, "plot": plot_command}
+def status_command(args: list[str]) -> int:
+    from .status import status_command as show_status
+
+    return show_status(args)
+
+
+COMMANDS = {"train": train_command, "sweep": sweep_command, "plot": plot_command, "status": status_command}
 
 
 def main(argv: list[str] | None = None) -> int:

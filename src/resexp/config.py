@@ -80,8 +80,20 @@ def compose(overrides: list[str]) -> DictConfig:
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
             cfg = hydra_compose("config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
+        if "hydra/launcher/submitit" in str(error) and not _has_submitit_launcher():
+            raise UsageError("launcher=slurm and launcher=submitit_local need Hydra's submitit launcher: "
+                             "pip install 'resexp[slurm]'") from error
         raise UsageError(hydra_error_line(error)) from error
     return cfg
+
+
+def _has_submitit_launcher() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def hydra_error_line(error: BaseException) -> str:

@@ -62,7 +62,8 @@ def sweep_name(arguments: list[str]) -> str:
     parts = []
     for override in sorted(parse_overrides(arguments), key=lambda o: o.get_key_element()):
         key = override.get_key_element().lstrip("+~")
-        if key.startswith("hydra.") or key in ("name", "out", "progress", "resume"):
+        # Where and how a sweep runs does not change what it trains, nor its folder.
+        if key.split(".")[0] in ("hydra", "launcher", "name", "out", "progress", "resume", "device", "compile"):
             continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() \
             else [override.get_value_element_as_str()]

@@ -207,6 +207,7 @@ def environment(device: torch.device) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
         "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -256,7 +257,12 @@ def start_over(run_dir: Path) -> None:
 
 
 class StopSignals:
-    """SIGINT/SIGTERM set a flag the loop checks after each step; a second signal stops at once."""
+    """SIGINT/SIGTERM/SIGUSR2 set a flag the loop checks after each step; a second signal stops at once.
+
+    SIGUSR2 is the warning a SLURM job gets before its time limit or on preemption (submitit's
+    ``--signal=USR2@...``). In a submitit job, submitit's own SIGUSR2 handler requeues the job:
+    ``hand_over`` calls it once the checkpoint is saved.
+    """
 
     def __init__(self):
         self.received: int | None = None
@@ -264,7 +270,7 @@ class StopSignals:
 
     def __enter__(self):
         if threading_is_main():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -274,6 +280,12 @@ class StopSignals:
         self.received = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
               "(press Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def hand_over(self) -> None:
+        """Give SIGUSR2 to the handler it displaced, if any (submitit's: requeue the job and exit)."""
+        previous = self._previous.get(self.received)
+        if self.received == signal.SIGUSR2 and callable(previous):
+            previous(self.received, None)
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
@@ -493,6 +505,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
                     progress.close()
                     if stop.received is not None:
                         result("interrupted")
+                        stop.hand_over()
                         raise RunInterrupted(stop.received)
                     return {**result("interrupted"), "outcome": "stopped"}
 

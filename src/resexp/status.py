@@ -1,0 +1,230 @@
+"""``resexp status DIR``: where every run of a sweep stands, from the files alone.
+
+The planned runs come from ``sweep.json`` (when the sweep has written it), the rest from
+the run folders on disk, so the table also works for a sweep whose jobs run on other
+machines that share the folder (a SLURM cluster) and for a single run's folder. Nothing
+is written and no process is asked anything.
+
+A run's state:
+    queued       planned, but no run folder or no record of a start yet
+    running      result.json says running; iteration and an ETA from the last metrics line
+    stalled      result.json says running, but no new metrics for far longer than an
+                 evaluation interval takes: its process was probably killed
+    done, failed, diverged, interrupted    as result.json records it
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+from .files import read_json, read_jsonl
+
+SWEEP_RECORD = "sweep.json"
+RESULT = "result.json"
+METRICS = "metrics.jsonl"
+RUN_FILES = (RESULT, METRICS, "config.yaml", "checkpoint.pt")
+# A running run counts as stalled once its last metrics line is older than this many
+# evaluation intervals, and never sooner than STALLED_AFTER_MIN_S.
+STALLED_AFTER_INTERVALS = 3
+STALLED_AFTER_MIN_S = 15 * 60
+
+USAGE = """\
+usage: resexp status DIR
+
+One line per run of the sweep in DIR (or for the run folder DIR): queued, running (iteration
+and ETA), stalled, done, failed, diverged or interrupted, with the latest training and test
+errors, the host and SLURM job. Only reads files, so it works on a folder that jobs on other
+machines are writing to."""
+
+
+@dataclass
+class RunStatus:
+    name: str
+    state: str
+    iterations_done: int | None = None
+    iterations: int | None = None
+    train_error: float | None = None
+    test_error: float | None = None
+    elapsed_s: float | None = None
+    eta_s: float | None = None
+    where: str = ""
+    error: str | None = None
+
+
+# --- reading one run ----------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return read_json(path) if path.exists() else None
+    except (OSError, ValueError):
+        return None  # being replaced at this moment, or torn: treat as absent
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    try:
+        return read_jsonl(path)
+    except (OSError, ValueError):
+        return []
+
+
+def _planned_iterations(run_dir: Path) -> int | None:
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        return int(config["schedule"]["iterations"])
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return None
+
+
+def _where(run_dir: Path, submitted_job_id: str | None) -> str:
+    """The host the run last ran on and its job, as squeue shows it (ARRAYJOB_TASK for arrays)."""
+    env = _read_json(run_dir / "env.json") or {}
+    if env.get("slurm_array_job_id") and env.get("slurm_array_task_id") is not None:
+        job = f"{env['slurm_array_job_id']}_{env['slurm_array_task_id']}"
+    else:
+        # The id submitit reported at submission is already in squeue's form.
+        job = submitted_job_id or env.get("slurm_job_id")
+    return " ".join(part for part in (env.get("host") or "", f"job {job}" if job else "") if part)
+
+
+def run_status(run_dir: Path, planned: dict | None = None, now: float | None = None) -> RunStatus:
+    """The state of one run from its folder; ``planned`` is its entry in sweep.json, if any."""
+    planned = planned or {}
+    now = time.time() if now is None else now
+    name = planned.get("run") or run_dir.name
+    result = _read_json(run_dir / RESULT)
+    metrics = _read_metrics(run_dir / METRICS)
+    last = metrics[-1] if metrics else {}
+    where = _where(run_dir, planned.get("job_id"))
+
+    if result is None:
+        # Nothing on disk yet; the sweep record may know why (a job that failed before training).
+        recorded = planned.get("result") or {}
+        if planned.get("outcome") == "failed" or recorded.get("status") == "failed":
+            return RunStatus(name, "failed", where=where, error=recorded.get("error") or "failed before training")
+        total = _planned_iterations(run_dir)
+        return RunStatus(name, "queued", iterations_done=0 if total else None, iterations=total, where=where)
+
+    status = RunStatus(
+        name, result.get("status", "unknown"), iterations_done=result.get("iterations_done"),
+        iterations=result.get("iterations") or _planned_iterations(run_dir),
+        train_error=result.get("final_train_error"), test_error=result.get("final_test_error"),
+        elapsed_s=result.get("wall_time_s"), where=where, error=result.get("error"),
+    )
+    if status.state == "diverged" and not status.error:
+        status.error = f"loss not finite at iteration {result.get('diverged_at')}"
+    if status.state != "running":
+        return status
+
+    # Running: result.json is only rewritten at the start and the end, so progress comes
+    # from the metrics the run appends at every evaluation.
+    if last:
+        status.iterations_done = last.get("iteration")
+        status.train_error, status.test_error = last.get("train_error"), last.get("test_error")
+        status.elapsed_s = last.get("time_s")
+        seconds_per_iteration = _recent_speed(metrics)
+        if seconds_per_iteration and status.iterations and status.iterations_done is not None:
+            status.eta_s = seconds_per_iteration * max(0, status.iterations - status.iterations_done)
+            interval_s = seconds_per_iteration * _iterations_between(metrics)
+            quiet_s = now - (run_dir / METRICS).stat().st_mtime
+            if quiet_s > max(STALLED_AFTER_MIN_S, STALLED_AFTER_INTERVALS * interval_s):
+                status.state = "stalled"
+                status.eta_s = None
+                status.error = f"no new metrics for {format_duration(quiet_s)}; its job may have been killed"
+    else:
+        status.iterations_done = status.iterations_done or 0
+    return status
+
+
+def _recent_speed(metrics: list[dict]) -> float | None:
+    """Seconds per iteration between the last two evaluations (or since the start)."""
+    last = metrics[-1]
+    before = metrics[-2] if len(metrics) > 1 else {"iteration": 0, "time_s": 0.0}
+    try:
+        iterations = last["iteration"] - before["iteration"]
+        seconds = last["time_s"] - before["time_s"]
+    except (KeyError, TypeError):
+        return None
+    return seconds / iterations if iterations > 0 and seconds >= 0 else None
+
+
+def _iterations_between(metrics: list[dict]) -> int:
+    if len(metrics) > 1:
+        return max(1, metrics[-1]["iteration"] - metrics[-2]["iteration"])
+    return max(1, metrics[-1]["iteration"])
+
+
+# --- a sweep ------------------------------------------------------------------------------------
+
+def _is_run_folder(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and any((path / f).exists() for f in RUN_FILES)
+
+
+def sweep_status(folder: Path, now: float | None = None) -> list[RunStatus]:
+    """Every run of the sweep in ``folder``: the planned ones in order, then any others on disk."""
+    if _is_run_folder(folder) and not (folder / SWEEP_RECORD).exists():
+        return [run_status(folder, now=now)]
+    record = _read_json(folder / SWEEP_RECORD) or {}
+    planned = [job for job in record.get("runs", []) if job.get("run")]
+    planned_names = {job["run"] for job in planned}
+    on_disk = sorted(p.name for p in folder.iterdir() if _is_run_folder(p) and p.name not in planned_names)
+    return ([run_status(folder / job["run"], job, now) for job in planned]
+            + [run_status(folder / name, None, now) for name in on_disk])
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _percent(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}%"
+
+
+def status_table(folder: Path, runs: list[RunStatus]) -> str:
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.state] = counts.get(run.state, 0) + 1
+    header = f"{folder}: {len(runs)} run(s): " + ", ".join(f"{n} {state}" for state, n in counts.items())
+    rows = [("run", "state", "iterations", "train err", "test err", "time", "ETA", "where")]
+    for run in runs:
+        done = "" if run.iterations_done is None else str(run.iterations_done)
+        total = "" if run.iterations is None else str(run.iterations)
+        rows.append((run.name, run.state, f"{done}/{total}" if done or total else "",
+                     _percent(run.train_error), _percent(run.test_error),
+                     format_duration(run.elapsed_s) if run.elapsed_s else "",
+                     format_duration(run.eta_s) if run.eta_s is not None else "", run.where))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    problems = [f"  {run.name}: {run.error.strip().splitlines()[0]}" for run in runs
+                if run.error and run.state in ("failed", "diverged", "stalled")]
+    return "\n".join([header, *lines, *(["", "errors:", *problems] if problems else [])])
+
+
+def status_command(args: list[str]) -> int:
+    if args and args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if len(args) != 1 or args[0].startswith("-"):
+        raise UsageError(f"resexp status takes one folder (a sweep's or a run's); got {' '.join(args) or 'nothing'}")
+    folder = Path(args[0])
+    if not folder.is_dir():
+        raise UsageError(f"folder {folder} does not exist")
+    runs = sweep_status(folder)
+    if not runs:
+        raise UsageError(f"{folder} holds no runs (no {SWEEP_RECORD} and no run folders)")
+    print(status_table(folder, runs))
+    sys.stdout.flush()
+    return 0
