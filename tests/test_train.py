@@ -59,6 +59,7 @@ def test_short_training_on_learnable_data_reduces_loss(tmp_path):
     assert [m["iteration"] for m in evaluations] == [20, 40, 60]
     assert evaluations[-1]["train_loss"] < 0.7 * evaluations[0]["train_loss"]
     assert evaluations[-1]["test_error"] < 0.5  # 10 classes: chance is 0.9
+    assert len(evaluations[-1]["grad_norms"]) == 8 and all(norm > 0 for norm in evaluations[-1]["grad_norms"])
     assert result["status"] == "done" and result["parameters"] > 0
     for name in ("config.yaml", "env.json", "metrics.jsonl", "result.json", CHECKPOINT):
         assert (tmp_path / "run" / name).stat().st_size > 0

@@ -231,7 +231,14 @@ def status_command(args: list[str]) -> int:
     return show_status(args)
 
 
-COMMANDS = {"train": train_command, "sweep": sweep_command, "plot": plot_command, "status": status_command}
+def analyze_command(args: list[str]) -> int:
+    from .analyze import analyze_command as run_analysis
+
+    return run_analysis(args)
+
+
+COMMANDS = {"train": train_command, "sweep": sweep_command, "plot": plot_command, "status": status_command,
+            "analyze": analyze_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,11 +20,12 @@ CONFIG_MODULE = "resexp.conf"
 DATA_NAMES = ("cifar10", "imagefolder", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# The paper's net; a single run's folder name lists the model options that differ from it.
+MODEL_DEFAULTS = {"shortcut": "A", "block": "basic", "residual_scale": 1.0, "family": "cifar", "width": 256}
 # Keys that may differ when a run resumes: where results go and how they are shown,
 # not what is trained.
 RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "compile", "sweep", "launcher",
                          "data.root", "data.download")
-_MISSING = object()
 
 
 # --- run names ---------------------------------------------------------------------------------
@@ -41,6 +42,9 @@ def run_name(cfg: DictConfig) -> str:
             parts.append(str(cfg.schedule.name))
         if cfg.data.name != "cifar10":
             parts.append(str(cfg.data.name))
+        for key, value in cfg.model.items():
+            if MODEL_DEFAULTS.get(key) != value and not (key == "shortcut" and cfg.arch == "plain"):
+                parts.append(f"{key}_{value}")
     return _safe("-".join(parts))
 
 
@@ -205,19 +209,15 @@ def check(cfg: DictConfig) -> None:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """What changed between a run's saved config and the config it is resumed with.
-
-    Keys the saved config lacks are options added since the run started; their defaults
-    keep the old behaviour, so they are not differences.
-    """
+    """What changed between a run's saved config and the config it is resumed with."""
     differences = []
 
     def walk(a, b, prefix: str) -> None:
-        if prefix.rstrip(".") in RESUMABLE_DIFFERENCES or a is _MISSING:
+        if prefix.rstrip(".") in RESUMABLE_DIFFERENCES:
             return
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
-                walk(a.get(key, _MISSING), b.get(key), f"{prefix}{key}.")
+                walk(a.get(key), b.get(key), f"{prefix}{key}.")
         elif a != b:
             differences.append(f"{prefix.rstrip('.')}: {a!r} -> {b!r}")
 

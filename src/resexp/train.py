@@ -38,7 +38,7 @@ from .data import TrainBatches, load_data, normalize, pixel_mean
 from .errors import UsageError
 from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl,
                     write_jsonl)
-from .models import build_model, count_parameters
+from .models import build_model, count_parameters, gradient_norms
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -353,7 +353,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
                            padding=cfg.data.augment.padding, flip=cfg.data.augment.flip)
 
     torch.manual_seed(cfg.seed)  # model init
-    model = build_model(cfg.arch, cfg.depth, cfg.model.shortcut, num_classes=len(data.classes))
+    model = build_model(cfg.arch, cfg.depth, cfg.model.shortcut, num_classes=len(data.classes),
+                        block=cfg.model.block, residual_scale=cfg.model.residual_scale,
+                        family=cfg.model.family, width=cfg.model.width)
     model = model.to(device, memory_format=torch.channels_last)
     parameters = count_parameters(model)
     optimizer = make_optimizer(model, schedule, device)
@@ -482,6 +484,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
                         "train_loss": train_loss, "train_error": errors / seen,
                         "test_loss": test_loss, "test_error": test_error, "eval_set": data.eval_set,
                         "time_s": round(elapsed(), 3),
+                        # Per weighted layer, from the last step's gradients: the vanishing-gradient view.
+                        "grad_norms": gradient_norms(model),
                         "images_per_s": round(seen / max(now - interval_start, 1e-9), 1),
                     }
                     append_jsonl(run_dir / METRICS, record)
