@@ -181,6 +181,18 @@ def eval_batches(net: TrainedNet):
         yield x.contiguous(memory_format=torch.channels_last)
 
 
+def run_with_hooks(net, modules, make_hook) -> None:
+    """Run the evaluation images through the net with ``make_hook(index)`` on each module."""
+    handles = [module.register_forward_hook(make_hook(index)) for index, module in enumerate(modules)]
+    try:
+        with torch.inference_mode():
+            for x in eval_batches(net):
+                net.model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def run_row(run: RunRecord) -> dict:
     return {"run": run.name, "arch": run.arch, "depth": run.depth, "seed": run.seed}
 
@@ -210,14 +222,7 @@ def layer_response_stds(net: TrainedNet) -> tuple[list[str], list[float]]:
             sums[index, 2] += values.numel()
         return record
 
-    handles = [module.register_forward_hook(recorder(index)) for index, module in enumerate(modules)]
-    try:
-        with torch.inference_mode():
-            for x in eval_batches(net):
-                net.model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(net, modules, recorder)
     total, total_squares, count = sums.T
     variance = (total_squares / count - (total / count).square()).clamp_min(0)
     return [names[id(module)] for module in modules], variance.sqrt().tolist()
@@ -473,14 +478,7 @@ def branch_ratios(net: TrainedNet) -> dict:
             sums[index] += torch.stack([ratio.sum(), branch_norm.sum(), shortcut_norm.sum()])
         return record
 
-    handles = [block.register_forward_hook(recorder(index)) for index, block in enumerate(residual_blocks)]
-    try:
-        with torch.inference_mode():
-            for x in eval_batches(net):
-                net.model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(net, residual_blocks, recorder)
     means = (sums / len(net.images)).T.tolist() if residual_blocks else [[], [], []]
     return {
         "blocks": [names[id(block)] for block in residual_blocks],

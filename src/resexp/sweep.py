@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as config_module
 from .errors import UsageError
 from .files import atomic_write_json, read_json
+from .status import _percent, format_duration
 
 SWEEP_RECORD = "sweep.json"
 BASE_KEYS = ("arch", "depth", "seed")
@@ -195,15 +196,6 @@ def sweep_eta(sweep_dir: Path, job_number: int, total: int) -> str:
     return f" (ETA {format_duration(remaining)} for the remaining runs)"
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 # --- after the sweep ----------------------------------------------------------------------------
 
 def outcome_table(record: dict) -> tuple[str, bool]:
@@ -226,10 +218,6 @@ def outcome_table(record: dict) -> tuple[str, bool]:
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines), any_failed
-
-
-def _percent(value) -> str:
-    return "" if value is None else f"{100 * value:.2f}%"
 
 
 def finished_record(sweep_dir: Path, record: dict, results: list) -> dict:
