@@ -65,6 +65,8 @@ def test_names_do_not_depend_on_how_overrides_were_typed():
     first = ["depth=20,56", "schedule=quick", "data.train_size=1000"]
     second = ["data.train_size=1000", "schedule=quick", "depth=20, 56"]
     assert sweep_name(first) == sweep_name(second) == "train_size1000_depth20-56_quick"
+    assert sweep_name(["depth=8,20", "arch=plain,resnet", "data=imagefolder", "data.root=/data/cifar"]) == \
+        "imagefolder_depth8-20"
     names = [[job["run"] for job in plan_jobs(*expand_grid(DEFAULTS, overrides, []), compose)]
              for overrides in (first, second)]
     assert sorted(names[0]) == sorted(names[1])

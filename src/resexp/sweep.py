@@ -68,6 +68,8 @@ def sweep_name(arguments: list[str]) -> str:
             continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() \
             else [override.get_value_element_as_str()]
+        if key.endswith((".root", "_dir", "_path")) or (key == "arch" and sorted(values) == ["plain", "resnet"]):
+            continue  # paths make unreadable names; plain+resnet is what a sweep does anyway
         if key in ("experiment", "data", "schedule"):  # group choices read well alone
             parts.append("-".join(values))
         else:
