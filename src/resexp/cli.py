@@ -237,8 +237,14 @@ def analyze_command(args: list[str]) -> int:
     return run_analysis(args)
 
 
+def bench_command(args: list[str]) -> int:
+    from .bench import bench_command as run_bench
+
+    return run_bench(args)
+
+
 COMMANDS = {"train": train_command, "sweep": sweep_command, "plot": plot_command, "status": status_command,
-            "analyze": analyze_command}
+            "analyze": analyze_command, "bench": bench_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,625 @@
+"""``resexp bench``: training throughput of resexp's step against the usual CIFAR-10 pipeline.
+
+Both pipelines train the same network on the same images, in one process:
+
+resexp     batches built on the training device by ``TrainBatches`` (one gather per batch, no
+           workers), the model in channels_last, ``TrainStep`` with the precision and compile
+           choices of ``resexp train``, and the per-step statistics the training loop keeps.
+reference  what the common CIFAR-10 reproductions run: a ``torchvision.datasets.CIFAR10``-style
+           dataset that makes a PIL image per item, ``RandomCrop(32, padding=4)``,
+           ``RandomHorizontalFlip``, ``ToTensor`` and ``Normalize`` in ``DataLoader`` workers,
+           the model in fp32 and NCHW, ``torch.optim.SGD``, and ``loss.item()`` every step.
+
+Each pipeline is built and runs ``warmup`` untimed steps (the first one timed on its own: it
+compiles, starts workers), then the two take turns at timed windows of ``steps`` steps, so that
+a change in the machine's load hits both alike; the figures are medians over ``windows``
+windows. CUDA is synchronised only at window ends, so a pipeline waits for the GPU only where it
+does so itself (as ``loss.item()`` does).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+USAGE = """\
+usage: resexp bench [KEY=VALUE ...]
+
+Measure steady-state training throughput (images/s) of resexp's training step and of the
+usual torchvision DataLoader pipeline on the same net, and write a JSON record.
+
+keys (default):
+  arch (resnet)  depth (20)  batch_size (128)       the net and the mini-batch
+  device (auto)  precision (auto)  compile (auto)   as in resexp train
+  steps (50)  warmup (10)  windows (5)              timed windows of `steps` steps after `warmup` steps
+  data (synthetic)  data.root  data.train_size      synthetic | imagefolder | cifar10 (no download)
+  workers (min(4, cores))                           DataLoader workers of the reference pipeline
+  reference (true)                                  false: measure resexp only
+  threads (the usable cores)                        CPU threads of the main process, for both pipelines
+  seed (0)  json (outputs/bench/<arch>-<depth>-b<batch>-<device>.json)
+"""
+
+DATA_CHOICES = ("synthetic", "imagefolder", "cifar10")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+BOOLEAN_WORDS = {"true": True, "false": False}
+SYNTHETIC_TRAIN_IMAGES = 50_000  # as many as CIFAR-10, so epochs (and the reference's reshuffles) come as often
+SGD = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=1e-4)  # the paper's recipe, for both pipelines
+
+# The normalisation constants the common CIFAR-10 scripts use (any values cost the same).
+REFERENCE_MEAN = (0.4914, 0.4822, 0.4465)
+REFERENCE_STD = (0.2470, 0.2435, 0.2616)
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against the CUDA device name in order.
+BF16_DENSE_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a cluster job or taskset may allow fewer than exist)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+# --- arguments ----------------------------------------------------------------------------------
+
+@dataclass
+class BenchSettings:
+    arch: str = "resnet"
+    depth: int = 20
+    batch_size: int = 128
+    device: str = "auto"
+    precision: str = "auto"
+    compile: str | bool = "auto"  # "auto", True or False, as resolve_compile takes it
+    steps: int = 50
+    warmup: int = 10
+    windows: int = 5
+    data: str = "synthetic"
+    data_root: str | None = None
+    train_size: int | None = None
+    workers: int = field(default_factory=lambda: min(4, usable_cores()))
+    reference: bool = True
+    threads: int | None = None  # CPU threads of the main process; None: as resexp train sets them
+    seed: int = 0
+    json: str | None = None
+
+
+def parse_arguments(args: list[str]) -> BenchSettings:
+    """``key=value`` arguments into settings; anything unknown or malformed is a UsageError."""
+    settings = BenchSettings()
+    seen: set[str] = set()
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        if not equals or not key:
+            raise UsageError(f"resexp bench takes key=value arguments; got {arg!r} ('resexp bench --help' lists the keys)")
+        if key in seen:
+            raise UsageError(f"{key} is given twice; give each key once")
+        seen.add(key)
+        if key not in PARSERS:
+            raise UsageError(f"unknown key {key!r}; resexp bench takes {', '.join(PARSERS)}")
+        attribute, parse = PARSERS[key]
+        setattr(settings, attribute, parse(key, value))
+    if settings.data in ("imagefolder", "cifar10") and settings.data_root is None:
+        raise UsageError(f"data={settings.data} needs data.root=<folder>")
+    return settings
+
+
+def _whole_number(minimum: int) -> Callable[[str, str], int]:
+    def parse(key: str, value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise UsageError(f"{key}={value} is not allowed: use a whole number >= {minimum}")
+        return number
+    return parse
+
+
+def _optional_whole_number(key: str, value: str) -> int | None:
+    return None if value.lower() in ("null", "none") else _whole_number(1)(key, value)
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(key: str, value: str) -> str:
+        if value not in allowed:
+            raise UsageError(f"{key}={value} is not allowed: use one of {', '.join(allowed)}")
+        return value
+    return parse
+
+
+def _boolean(key: str, value: str) -> bool:
+    if value.lower() not in BOOLEAN_WORDS:
+        raise UsageError(f"{key}={value} is not allowed: use true or false")
+    return BOOLEAN_WORDS[value.lower()]
+
+
+def _compile_setting(key: str, value: str) -> str | bool:
+    if value == "auto":
+        return "auto"
+    if value.lower() not in BOOLEAN_WORDS:
+        raise UsageError(f"{key}={value} is not allowed: use auto, true or false")
+    return BOOLEAN_WORDS[value.lower()]
+
+
+def _arch(key: str, value: str) -> str:
+    from .models import ARCHS
+
+    return _choice(ARCHS)(key, value)
+
+
+def _depth(key: str, value: str) -> int:
+    from .models import blocks_per_stage
+
+    depth = _whole_number(1)(key, value)
+    blocks_per_stage(depth)  # the CIFAR nets exist for 6n+2 layers only
+    return depth
+
+
+def _text(key: str, value: str) -> str:
+    if not value:
+        raise UsageError(f"{key} is empty: give a path")
+    return value
+
+
+PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "arch": ("arch", _arch),
+    "depth": ("depth", _depth),
+    "batch_size": ("batch_size", _whole_number(1)),
+    "device": ("device", _choice(DEVICE_CHOICES)),
+    "precision": ("precision", _choice(PRECISION_CHOICES)),
+    "compile": ("compile", _compile_setting),
+    "steps": ("steps", _whole_number(1)),
+    "warmup": ("warmup", _whole_number(1)),  # the first step is always a warm-up step (compile, workers)
+    "windows": ("windows", _whole_number(1)),
+    "data": ("data", _choice(DATA_CHOICES)),
+    "data.root": ("data_root", _text),
+    "data.train_size": ("train_size", _optional_whole_number),
+    "workers": ("workers", _whole_number(0)),
+    "reference": ("reference", _boolean),
+    "threads": ("threads", _optional_whole_number),
+    "seed": ("seed", _whole_number(0)),
+    "json": ("json", _text),
+}
+
+
+# --- what the hardware does -------------------------------------------------------------------
+
+def forward_macs(model: nn.Module, image_shape: tuple[int, ...] = (3, 32, 32)) -> int:
+    """Multiply-adds of one image's forward pass through the convolutions and dense layers.
+
+    Each layer contributes (output elements) x (inputs each one sums over), read from the
+    module's shapes during one forward pass; normalisation, activations and additions are
+    left out, as in the usual FLOP counts.
+    """
+    total = 0
+
+    def count(module: nn.Module, inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            height, width = module.kernel_size
+            total += output.numel() * (module.in_channels // module.groups) * height * width
+        else:
+            total += output.numel() * module.in_features
+
+    hooks = [module.register_forward_hook(count) for module in model.modules()
+             if isinstance(module, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()  # a forward in training mode would update the BN statistics
+    try:
+        with torch.no_grad():
+            parameter = next(model.parameters())
+            model(torch.zeros(1, *image_shape, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return total
+
+
+def training_tflops(macs_per_image: int, images_per_s: float) -> float:
+    """Achieved TFLOP/s: 2 FLOPs per multiply-add, and forward + backward ~ 3x the forward pass."""
+    return 3 * 2 * macs_per_image * images_per_s / 1e12
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    for name, peak in BF16_DENSE_PEAK_TFLOPS:
+        if name in device_name:
+            return peak
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux lets a process reset its peak RSS, which getrusage then reports from here on;
+    # elsewhere the figure stays the process's peak since it started.
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def memory_kind(device: torch.device) -> str:
+    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS of the main process"
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+@dataclass
+class Pipeline:
+    """One way of training the net: its step, what it is, and what was measured of it."""
+
+    name: str
+    one_step: Callable[[], None]
+    description: dict
+    close: Callable[[], None] = lambda: None
+    first_step_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    window_s: list[float] = field(default_factory=list)
+
+
+def memory_held(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def prepare(build: Callable[[], Pipeline], settings: BenchSettings, device: torch.device) -> Pipeline:
+    """Build a pipeline and run its warm-up steps, timing the first one and recording peak memory.
+
+    The warm-up steps allocate everything a step needs, so their peak is the steady one. On
+    CUDA, memory that an earlier pipeline still holds is not counted.
+    """
+    held_before = memory_held(device)
+    reset_peak_memory(device)
+    pipeline = build()
+    try:
+        start = time.perf_counter()
+        pipeline.one_step()
+        synchronize(device)
+        pipeline.first_step_s = time.perf_counter() - start
+        for _ in range(settings.warmup - 1):
+            pipeline.one_step()
+        synchronize(device)
+    except BaseException:
+        pipeline.close()
+        raise
+    pipeline.peak_memory_mb = peak_memory_mb(device) - held_before / 2**20
+    return pipeline
+
+
+def time_window(pipeline: Pipeline, steps: int, device: torch.device) -> None:
+    start = time.perf_counter()
+    for _ in range(steps):
+        pipeline.one_step()
+    synchronize(device)
+    pipeline.window_s.append(time.perf_counter() - start)
+
+
+def summarize(pipeline: Pipeline, settings: BenchSettings, macs_per_image: int, peak_tflops: float | None,
+              device: torch.device) -> dict:
+    images_per_window = settings.batch_size * settings.steps
+    median_s = statistics.median(pipeline.window_s)
+    images_per_s = images_per_window / median_s
+    step_s = median_s / settings.steps
+    tflops = training_tflops(macs_per_image, images_per_s)
+    compiled = pipeline.description.get("compile")
+    return {
+        **pipeline.description,
+        "images_per_s": round(images_per_s, 2),
+        "ms_per_step": round(1000 * step_s, 3),
+        "window_images_per_s": [round(images_per_window / s, 2) for s in pipeline.window_s],
+        "first_step_s": round(pipeline.first_step_s, 4),
+        # The first step compiles (or captures); what it takes beyond a steady step is that cost.
+        "compile_s": round(max(0.0, pipeline.first_step_s - step_s), 4) if compiled else None,
+        "peak_memory_mb": round(pipeline.peak_memory_mb, 1),
+        "peak_memory_kind": memory_kind(device),
+        "achieved_tflops": round(tflops, 5),
+        "bf16_peak_fraction": round(tflops / peak_tflops, 5) if peak_tflops else None,
+    }
+
+
+# --- the two pipelines --------------------------------------------------------------------------
+
+def resexp_pipeline(data, settings: BenchSettings, device: torch.device, precision: str,
+                    compile_model: bool) -> Pipeline:
+    """resexp's training step, built as ``train.train`` builds it."""
+    from .data import TrainBatches, pixel_mean
+    from .models import build_model
+    from .train import TrainStep, autocast, make_optimizer
+
+    images = data.train_images.to(device)
+    labels = data.train_labels.to(device)
+    mean = pixel_mean(data.train_images).to(device)
+    batches = TrainBatches(images, labels, settings.batch_size, settings.seed, mean)
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.arch, settings.depth, num_classes=len(data.classes))
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, SGD, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step = TrainStep(model, optimizer, scaler, autocast(device, precision), compile_model=compile_model)
+    step_stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, errors, images: kept per step
+    batch_images = torch.tensor(float(settings.batch_size), dtype=torch.float64, device=device)
+    iteration = 0
+    model.train()
+
+    def one_step() -> None:
+        nonlocal iteration
+        x, y = batches.batch(iteration)
+        loss, wrong = step(x.contiguous(memory_format=torch.channels_last), y)
+        step_stats.add_(torch.stack([loss.double() * len(y), wrong.double(), batch_images]))
+        iteration += 1
+
+    return Pipeline("resexp", one_step, {
+        "precision": precision, "compile": compile_model, "memory_format": "channels_last",
+        "data_pipeline": "TrainBatches on the training device",
+    })
+
+
+class PILImageDataset(torch.utils.data.Dataset):
+    """Like ``torchvision.datasets.CIFAR10``: uint8 HWC images in memory, a PIL image made per item."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.data = images.permute(0, 2, 3, 1).contiguous().numpy()  # NCHW tensor -> NHWC array
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
+
+
+def reference_loader(data, settings: BenchSettings, device: torch.device) -> torch.utils.data.DataLoader:
+    from torchvision import transforms
+
+    transform = transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(REFERENCE_MEAN, REFERENCE_STD),
+    ])
+    dataset = PILImageDataset(data.train_images, data.train_labels, transform)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True, num_workers=settings.workers,
+        persistent_workers=settings.workers > 0, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
+
+
+def reference_pipeline(data, settings: BenchSettings, device: torch.device) -> Pipeline:
+    """The common reproductions' loop: DataLoader batches, fp32 NCHW model, plain SGD, loss.item()."""
+    from .models import build_model
+
+    loader = reference_loader(data, settings, device)
+
+    def endless_batches():
+        while True:  # persistent workers carry over from one epoch to the next
+            yield from loader
+
+    batches = endless_batches()
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.arch, settings.depth, num_classes=len(data.classes)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=SGD.lr, momentum=SGD.momentum,
+                                weight_decay=SGD.weight_decay)
+    criterion = nn.CrossEntropyLoss()
+    running_loss = 0.0
+    model.train()
+
+    def one_step() -> None:
+        nonlocal running_loss
+        inputs, targets = next(batches)
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        outputs = model(inputs)
+        loss = criterion(outputs, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item()
+
+    def close() -> None:
+        batches.close()  # drops the loader's iterator, which stops the workers
+        gc.collect()
+
+    return Pipeline("reference", one_step, {
+        "precision": "fp32", "compile": False, "memory_format": "contiguous (NCHW)",
+        "data_pipeline": f"DataLoader, {settings.workers} workers, PIL transforms",
+    }, close)
+
+
+# --- the command --------------------------------------------------------------------------------
+
+def load_images(settings: BenchSettings):
+    from .data import load_data
+
+    synthetic = settings.data == "synthetic"
+    train_size = settings.train_size
+    if synthetic and train_size is None:
+        train_size = SYNTHETIC_TRAIN_IMAGES
+    data = load_data(settings.data, settings.data_root, train_size=train_size,
+                     test_size=10 if synthetic else None, download=False, seed=settings.seed)
+    if settings.batch_size > len(data.train_images):
+        raise UsageError(f"batch_size={settings.batch_size} is larger than the training set "
+                         f"({len(data.train_images)} images): use at most {len(data.train_images)}")
+    return data
+
+
+def default_json_path(settings: BenchSettings, device: torch.device) -> Path:
+    return Path("outputs") / "bench" / f"{settings.arch}-{settings.depth}-b{settings.batch_size}-{device.type}.json"
+
+
+def run_bench(settings: BenchSettings) -> dict:
+    """Measure both pipelines and return the record that ``bench_command`` writes."""
+    from .models import build_model, count_parameters
+    from .train import configure_backend, resolve_compile, resolve_device, resolve_precision
+
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    compile_model = resolve_compile(settings.compile, device)
+    configure_backend(device)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    load_average_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    data = load_images(settings)
+    counting_model = build_model(settings.arch, settings.depth, num_classes=len(data.classes))
+    macs_per_image = forward_macs(counting_model, tuple(data.train_images.shape[1:]))
+    parameters = count_parameters(counting_model)
+    del counting_model
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    peak_tflops = bf16_peak_tflops(device_name) if device.type == "cuda" else None
+
+    pipelines: list[Pipeline] = []
+    try:
+        pipelines.append(prepare(lambda: resexp_pipeline(data, settings, device, precision, compile_model),
+                                 settings, device))
+        if settings.reference:
+            pipelines.append(prepare(lambda: reference_pipeline(data, settings, device), settings, device))
+        for _ in range(settings.windows):
+            for pipeline in pipelines:  # alternate windows, so a change in the machine's load hits both alike
+                time_window(pipeline, settings.steps, device)
+    except torch.OutOfMemoryError as error:
+        raise UsageError(f"out of GPU memory at batch_size={settings.batch_size}; use a smaller batch_size") from error
+    finally:
+        for pipeline in pipelines:
+            pipeline.close()
+    figures = {pipeline.name: summarize(pipeline, settings, macs_per_image, peak_tflops, device)
+               for pipeline in pipelines}
+    resexp, reference = figures["resexp"], figures.get("reference")
+
+    import torchvision
+
+    reference_images_per_s = reference["images_per_s"] if reference else None
+    return {
+        "resexp_images_per_s": resexp["images_per_s"],
+        "reference_images_per_s": reference_images_per_s,
+        "ratio": round(resexp["images_per_s"] / reference_images_per_s, 3) if reference else None,
+        # Each window of resexp against the reference window right after it.
+        "window_ratios": [round(r / p, 3) for r, p in zip(resexp["window_images_per_s"],
+                                                          reference["window_images_per_s"])] if reference else None,
+        "resexp": resexp,
+        "reference": reference,
+        "model": {"arch": settings.arch, "depth": settings.depth, "parameters": parameters,
+                  "forward_macs_per_image": macs_per_image},
+        "settings": {**asdict(settings), "device": device.type, "precision": precision, "compile": compile_model,
+                     "train_images": len(data.train_images)},
+        "environment": {
+            "device": device.type,
+            "device_name": device_name,
+            "bf16_dense_peak_tflops": peak_tflops,
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "usable_cores": usable_cores(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "host": platform.node(),
+            "load_average_start": list(load_average_start) if load_average_start else None,
+            "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    }
+
+
+def format_table(record: dict) -> str:
+    environment, model, settings = record["environment"], record["model"], record["settings"]
+    lines = [
+        f"{model['arch']}-{model['depth']}, batch {settings['batch_size']}, {environment['device']} "
+        f"({environment['device_name']}, {environment['usable_cores']} cores, {environment['torch_threads']} threads), "
+        f"torch {environment['torch']}",
+        f"forward pass: {model['forward_macs_per_image'] / 1e6:.1f} M multiply-adds per image; "
+        f"{settings['warmup']} warm-up steps, then the median of {settings['windows']} windows "
+        f"of {settings['steps']} steps (the pipelines take turns)",
+        "",
+        f"{'pipeline':<12}{'images/s':>10}{'ms/step':>10}{'peak MiB':>10}{'1st step s':>12}{'TFLOP/s':>10}",
+    ]
+    pipelines = [(label, figures) for label, figures in (("resexp", record["resexp"]), ("reference", record["reference"]))
+                 if figures is not None]
+    for label, figures in pipelines:
+        lines.append(f"{label:<12}{figures['images_per_s']:>10.1f}{figures['ms_per_step']:>10.1f}"
+                     f"{figures['peak_memory_mb']:>10.0f}{figures['first_step_s']:>12.2f}"
+                     f"{figures['achieved_tflops']:>10.3f}")
+    lines.append("")
+    for label, figures in pipelines:
+        compiled = ", compiled" if figures["compile"] else ""
+        lines.append(f"{label}: {figures['precision']}{compiled}, {figures['memory_format']}, "
+                     f"{figures['data_pipeline']}")
+    if record["ratio"] is not None:
+        lines.append(f"resexp / reference: {record['ratio']:.2f}x "
+                     f"(window by window: {', '.join(f'{r:.2f}' for r in record['window_ratios'])})")
+    if record["resexp"]["compile_s"] is not None:
+        lines.append(f"compile time (first step minus a steady one): {record['resexp']['compile_s']:.1f} s")
+    if record["resexp"]["bf16_peak_fraction"] is not None:
+        lines.append(f"resexp reaches {100 * record['resexp']['bf16_peak_fraction']:.1f}% of the bf16 dense peak "
+                     f"({environment['bf16_dense_peak_tflops']:.0f} TFLOP/s)")
+    lines.append(f"peak memory: {record['resexp']['peak_memory_kind']}")
+    load = environment["load_average_start"]
+    if load:
+        lines.append(f"load average (1 min) at start {load[0]:.2f}, at end {environment['load_average_end'][0]:.2f}")
+    return "\n".join(lines)
+
+
+def bench_command(args: list[str]) -> int:
+    from .files import atomic_write_json
+
+    if any(arg in ("-h", "--help") for arg in args):
+        print(USAGE)
+        return 0
+    settings = parse_arguments(args)
+    record = run_bench(settings)
+    path = Path(settings.json) if settings.json else default_json_path(settings, torch.device(record["settings"]["device"]))
+    atomic_write_json(path, record)
+    print(format_table(record))
+    print(f"record: {path}")
+    return 0

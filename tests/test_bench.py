@@ -1,0 +1,88 @@
+"""resexp bench: multiply-add counts, the JSON record of a tiny run, argument errors."""
+
+import json
+
+import pytest
+
+from resexp.bench import bench_command, forward_macs, parse_arguments, training_tflops
+from resexp.errors import UsageError
+from resexp.models import build_model
+
+# Forward multiply-adds of the paper's CIFAR ResNets (shortcut A adds none), in millions.
+PAPER_MACS_MILLIONS = {20: 40.6, 56: 125.5, 110: 252.9}
+
+
+@pytest.mark.parametrize("depth", sorted(PAPER_MACS_MILLIONS))
+def test_forward_macs_match_the_paper_nets(depth):
+    macs = forward_macs(build_model("resnet", depth))
+    assert macs / 1e6 == pytest.approx(PAPER_MACS_MILLIONS[depth], rel=0.01)
+
+
+def test_plain_and_residual_nets_cost_the_same_and_projections_add_a_little():
+    assert forward_macs(build_model("plain", 20)) == forward_macs(build_model("resnet", 20))
+    assert forward_macs(build_model("resnet", 20, "B")) > forward_macs(build_model("resnet", 20))
+
+
+def test_achieved_tflops_counts_forward_and_backward_as_three_forwards():
+    assert training_tflops(40_000_000, 10_000) == pytest.approx(3 * 2 * 40e6 * 1e4 / 1e12)
+
+
+def test_tiny_bench_writes_a_record_with_positive_figures(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    code = bench_command(["depth=8", "batch_size=32", "steps=3", "warmup=1", "windows=2", "workers=1",
+                          "data=synthetic", "data.train_size=256", "device=cpu", f"json={path}"])
+    assert code == 0
+    record = json.loads(path.read_text())
+    for key in ("resexp_images_per_s", "reference_images_per_s", "ratio"):
+        assert record[key] > 0
+    for pipeline in ("resexp", "reference"):
+        figures = record[pipeline]
+        assert len(figures["window_images_per_s"]) == 2
+        for key in ("images_per_s", "ms_per_step", "peak_memory_mb", "first_step_s", "achieved_tflops"):
+            assert figures[key] > 0
+    assert record["ratio"] == pytest.approx(record["resexp_images_per_s"] / record["reference_images_per_s"],
+                                            rel=1e-2)
+    assert record["model"]["forward_macs_per_image"] > 0
+    environment = record["environment"]
+    assert environment["device"] == "cpu" and environment["cpu_count"] >= 1
+    assert environment["torch"] and environment["torchvision"] and environment["date"]
+    assert record["settings"]["batch_size"] == 32 and record["settings"]["compile"] is False
+    assert "images/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, named", [
+    (["batch_size=0"], "batch_size=0"),
+    (["steps=many"], "steps=many"),
+    (["precision=fp8"], "precision=fp8"),
+    (["device=tpu"], "device=tpu"),
+    (["compile=maybe"], "compile=maybe"),
+    (["reference=yes"], "reference=yes"),
+    (["data=imagenet"], "data=imagenet"),
+    (["arch=vgg"], "arch"),
+    (["workers=-1"], "workers=-1"),
+    (["colour=red"], "colour"),
+    (["depth"], "depth"),
+    (["depth=20", "depth=56"], "depth"),
+    (["data=imagefolder"], "data.root"),
+])
+def test_bad_arguments_are_one_line_usage_errors(args, named):
+    with pytest.raises(UsageError) as raised:
+        parse_arguments(args)
+    message = str(raised.value)
+    assert named in message and "\n" not in message
+
+
+def test_depth_that_is_not_6n_plus_2_is_a_usage_error():
+    with pytest.raises(UsageError, match="6n\\+2"):
+        parse_arguments(["depth=21"])
+
+
+def test_batch_larger_than_the_training_set_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="batch_size=128"):
+        bench_command(["data.train_size=64", "device=cpu", f"json={tmp_path / 'x.json'}"])
+
+
+def test_defaults_are_the_papers_batch_and_a_resnet_20():
+    settings = parse_arguments([])
+    assert (settings.arch, settings.depth, settings.batch_size, settings.reference) == ("resnet", 20, 128, True)
+    assert 1 <= settings.workers <= 4
