@@ -42,6 +42,7 @@ def test_tiny_bench_writes_a_record_with_positive_figures(tmp_path, capsys):
             assert figures[key] > 0
     assert record["ratio"] == pytest.approx(record["resexp_images_per_s"] / record["reference_images_per_s"],
                                             rel=1e-2)
+    assert len(record["window_ratios"]) == 2 and record["window_ratio_median"] > 0
     assert record["model"]["forward_macs_per_image"] > 0
     environment = record["environment"]
     assert environment["device"] == "cpu" and environment["cpu_count"] >= 1

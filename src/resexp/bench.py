@@ -58,6 +58,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 BOOLEAN_WORDS = {"true": True, "false": False}
 SYNTHETIC_TRAIN_IMAGES = 50_000  # as many as CIFAR-10, so epochs (and the reference's reshuffles) come as often
+UNSTEADY_SPREAD = 1.3  # fastest / slowest window above this: the machine's load changed during the run
 SGD = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=1e-4)  # the paper's recipe, for both pipelines
 
 # The normalisation constants the common CIFAR-10 scripts use (any values cost the same).
@@ -539,13 +540,16 @@ def run_bench(settings: BenchSettings) -> dict:
     import torchvision
 
     reference_images_per_s = reference["images_per_s"] if reference else None
+    window_ratios = [round(r / p, 3) for r, p in zip(resexp["window_images_per_s"],
+                                                     reference["window_images_per_s"])] if reference else None
     return {
         "resexp_images_per_s": resexp["images_per_s"],
         "reference_images_per_s": reference_images_per_s,
         "ratio": round(resexp["images_per_s"] / reference_images_per_s, 3) if reference else None,
-        # Each window of resexp against the reference window right after it.
-        "window_ratios": [round(r / p, 3) for r, p in zip(resexp["window_images_per_s"],
-                                                          reference["window_images_per_s"])] if reference else None,
+        # Each resexp window against the reference window right after it: under a changing load
+        # the median of these is steadier than the ratio of the two medians.
+        "window_ratios": window_ratios,
+        "window_ratio_median": round(statistics.median(window_ratios), 3) if reference else None,
         "resexp": resexp,
         "reference": reference,
         "model": {"arch": settings.arch, "depth": settings.depth, "parameters": parameters,
@@ -596,8 +600,16 @@ def format_table(record: dict) -> str:
         lines.append(f"{label}: {figures['precision']}{compiled}, {figures['memory_format']}, "
                      f"{figures['data_pipeline']}")
     if record["ratio"] is not None:
-        lines.append(f"resexp / reference: {record['ratio']:.2f}x "
-                     f"(window by window: {', '.join(f'{r:.2f}' for r in record['window_ratios'])})")
+        lines.append(f"resexp / reference: {record['ratio']:.2f}x; window by window "
+                     f"{', '.join(f'{r:.2f}' for r in record['window_ratios'])} "
+                     f"(median {record['window_ratio_median']:.2f}x)")
+    for label, figures in pipelines:
+        slowest, fastest = min(figures["window_images_per_s"]), max(figures["window_images_per_s"])
+        if fastest > UNSTEADY_SPREAD * slowest:
+            lines.append(f"warning: {label} ran between {slowest:.0f} and {fastest:.0f} images/s from window to "
+                         "window: something else is using the machine; the window-by-window ratio is the fairer "
+                         "comparison, and a quiet machine gives steadier figures")
+            break
     if record["resexp"]["compile_s"] is not None:
         lines.append(f"compile time (first step minus a steady one): {record['resexp']['compile_s']:.1f} s")
     if record["resexp"]["bf16_peak_fraction"] is not None:
