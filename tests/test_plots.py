@@ -261,6 +261,17 @@ def test_depth_data_at_end_of_training(sweep):
     assert resnet["test_std"] == pytest.approx([0.0, sample_std])
 
 
+def test_unfinished_runs_are_marked_at_the_end_of_training(tmp_path):
+    make_run(tmp_path, "done", "plain", 20, 0, [0.5] * 8, [0.6] * 8)
+    make_run(tmp_path, "cut", "plain", 56, 0, [0.5, 0.4, 0.3], [0.6, 0.5, 0.4], status="interrupted")
+    data = depth_data(load_runs(tmp_path))
+    plain = find_series(data, "plain")
+    assert plain["depths"] == [20, 56] and plain["unfinished"] == [None, 300]
+    assert plain["test_mean"] == pytest.approx([60.0, 40.0])
+    drawn = render_all(tmp_path)
+    assert any(str(f).endswith("error_vs_depth.png") for f in drawn["files"])
+
+
 def test_depth_data_at_a_fixed_iteration(sweep):
     runs = load_runs(sweep)
     data = depth_data(runs, at_iteration=450)  # evaluations every 100: the one at 400

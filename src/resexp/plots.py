@@ -657,8 +657,10 @@ def depth_data(runs: list[RunRecord], at_iteration: int | None = None) -> dict:
 
     Returns ``{"at_iteration", "iterations_used", "series": [{"arch", "label",
     "variant", "depths", "train_mean", "train_std", "test_mean", "test_std",
-    "n", "left_out"}]}``; std is the sample std (ddof=1), 0 for one seed;
-    "left_out" lists depths with no usable run (e.g. every seed diverged).
+    "n", "unfinished", "left_out"}]}``; std is the sample std (ddof=1), 0 for one seed;
+    "unfinished" (one per depth, end of training only) is the latest iteration of a
+    point whose runs have not finished, else None; "left_out" lists depths with no
+    usable run (e.g. every seed diverged).
     """
     groups = _group_runs(runs)
     series: dict[tuple, dict] = {}
@@ -669,14 +671,17 @@ def depth_data(runs: list[RunRecord], at_iteration: int | None = None) -> dict:
             "label": _series_label(group.arch, group.label_variant),
             "variant": dict(group.label_variant),
             "depths": [], "train_mean": [], "train_std": [], "test_mean": [], "test_std": [],
-            "n": [], "left_out": [],
+            "n": [], "unfinished": [], "left_out": [],
         })
         trains, tests = [], []
+        unfinished = None
         if at_iteration is None:
             for run in _counted_runs(group):
                 train, test = _final_errors(run)
                 trains.append(train)
                 tests.append(test)
+                if run.status != "done" and run.metrics:  # its latest evaluation stands in for the end
+                    unfinished = max(unfinished or 0, int(run.metrics[-1]["iteration"]))
         else:
             for run in group.runs:
                 if run.status == "diverged":
@@ -698,6 +703,7 @@ def depth_data(runs: list[RunRecord], at_iteration: int | None = None) -> dict:
         entry["test_mean"].append(test_mean * 100.0)
         entry["test_std"].append(test_std * 100.0)
         entry["n"].append(max(n_train, n_test))
+        entry["unfinished"].append(unfinished)
     return {
         "at_iteration": at_iteration,
         "iterations_used": sorted(iterations_used),
@@ -811,6 +817,12 @@ def _draw_depth_panel(ax, data: dict, eval_set: str) -> None:
         ax.legend(loc="best", framealpha=0.9)
     else:
         ax.text(0.5, 0.5, "no evaluations yet", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    # An unfinished run's latest evaluation is not its end of training: say so at its point.
+    for series in data["series"]:
+        for depth, test_mean, iteration in zip(series["depths"], series["test_mean"], series.get("unfinished", [])):
+            if iteration is not None:
+                ax.annotate(f"unfinished\n(iter. {_short_count(iteration)})", (depth, test_mean),
+                            textcoords="offset points", xytext=(6, 6), fontsize=8, color="0.3")
     left_out = [f"{s['label']}-{x['depth']} ({x['reason']})" for s in data["series"] for x in s["left_out"]]
     if left_out:
         ax.text(0.01, 0.01, "not shown: " + ", ".join(left_out), transform=ax.transAxes,
