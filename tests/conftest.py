@@ -20,3 +20,21 @@ def cli_env() -> dict[str, str]:
            if key not in ("HYDRA_FULL_ERROR", "RESEXP_TRACEBACK", "PYTHONPATH")}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONNOUSERSITE="1")
     return env
+
+
+@pytest.fixture
+def hydra_in_process():
+    """For tests that call ``resexp.cli.main`` in this process: Hydra configures logging and keeps
+    global state; put both back afterwards so that later tests start clean."""
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    loggers = [logging.getLogger(), logging.getLogger("hydra")]
+    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
+    yield
+    for logger, (handlers, level, propagate) in zip(loggers, saved):
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+    GlobalHydra.instance().clear()

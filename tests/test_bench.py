@@ -1,4 +1,4 @@
-"""resexp bench: multiply-add counts, the JSON record of a tiny run, argument errors."""
+"""resexp bench: multiply-add counts, the JSON records of tiny runs (throughput and memory), argument errors."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 
 from resexp.bench import bench_command, forward_macs, parse_arguments, training_tflops
 from resexp.errors import UsageError
-from resexp.models import build_model
+from resexp.models import build_model, count_parameters
 
 # Forward multiply-adds of the paper's CIFAR ResNets (shortcut A adds none), in millions.
 PAPER_MACS_MILLIONS = {20: 40.6, 56: 125.5, 110: 252.9}
@@ -30,7 +30,7 @@ def test_achieved_tflops_counts_forward_and_backward_as_three_forwards():
 def test_tiny_bench_writes_a_record_with_positive_figures(tmp_path, capsys):
     path = tmp_path / "bench.json"
     code = bench_command(["depth=8", "batch_size=32", "steps=3", "warmup=1", "windows=2", "workers=1",
-                          "data=synthetic", "data.train_size=256", "device=cpu", f"json={path}"])
+                          "data=synthetic", "data.train_size=256", "device=cpu", "compile=false", f"json={path}"])
     assert code == 0
     record = json.loads(path.read_text())
     for key in ("resexp_images_per_s", "reference_images_per_s", "ratio"):
@@ -48,7 +48,38 @@ def test_tiny_bench_writes_a_record_with_positive_figures(tmp_path, capsys):
     assert environment["device"] == "cpu" and environment["cpu_count"] >= 1
     assert environment["torch"] and environment["torchvision"] and environment["date"]
     assert record["settings"]["batch_size"] == 32 and record["settings"]["compile"] is False
-    assert "images/s" in capsys.readouterr().out
+    grad_norms = record["grad_norms"]
+    assert grad_norms["median_ms"] > 0 and grad_norms["fraction_of_step"] > 0
+    assert len(grad_norms["call_ms"]) >= 1 and all(ms > 0 for ms in grad_norms["call_ms"])
+    overhead = grad_norms["overhead_per_step"]
+    assert (overhead["paper"]["eval_every"], overhead["quick"]["eval_every"]) == (500, 100)
+    assert overhead["paper"]["fraction"] > 0
+    assert overhead["quick"]["fraction"] == pytest.approx(5 * overhead["paper"]["fraction"], rel=1e-3)
+    assert overhead["quick"]["fraction"] == pytest.approx(grad_norms["fraction_of_step"] / 100, rel=1e-3)
+    out = capsys.readouterr().out
+    assert "images/s" in out and "gradient norms" in out
+
+
+def test_memory_of_a_tiny_net_counts_parameter_state_and_saved_activations(tmp_path, capsys):
+    records = {}
+    for precision in ("fp32", "bf16"):
+        path = tmp_path / f"{precision}.json"
+        assert bench_command(["measure=memory", "depth=8", "batch_size=4", "device=cpu", f"precision={precision}",
+                              f"json={path}"]) == 0
+        records[precision] = json.loads(path.read_text())
+    parameters = count_parameters(build_model("resnet", 8))
+    for record in records.values():
+        memory = record["memory"]
+        assert record["model"]["parameters"] == parameters
+        # fp32 weights, gradients and momentum, whatever the precision of the activations.
+        assert memory["parameter_state_bytes"] == 3 * 4 * parameters
+        assert memory["saved_activation_bytes"] > 0
+        assert memory["estimate_bytes"] == memory["parameter_state_bytes"] + memory["saved_activation_bytes"]
+        assert memory["cuda_peak_bytes"] is None
+    # Under bf16 autocast the saved activations are bf16; only BN's statistics stay fp32.
+    assert records["bf16"]["memory"]["saved_activation_bytes"] < records["fp32"]["memory"]["saved_activation_bytes"]
+    assert records["bf16"]["memory"]["saved_activation_bytes_by_dtype"]["bfloat16"] > 0
+    assert "saved for backward" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, named", [
@@ -65,6 +96,7 @@ def test_tiny_bench_writes_a_record_with_positive_figures(tmp_path, capsys):
     (["depth"], "depth"),
     (["depth=20", "depth=56"], "depth"),
     (["data=imagefolder"], "data.root"),
+    (["measure=speed"], "measure=speed"),
 ])
 def test_bad_arguments_are_one_line_usage_errors(args, named):
     with pytest.raises(UsageError) as raised:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import re
 import shutil
@@ -348,29 +347,20 @@ def test_full_error_switch_shows_the_traceback(runs):
 # --- help and --cfg (in this process: they start no run) -----------------------------------------
 
 @pytest.fixture
-def main(tmp_path, monkeypatch, capsys):
+def main(tmp_path, monkeypatch, capsys, hydra_in_process):
     """``resexp.cli.main`` in a fresh empty folder; returns (exit code, stdout, stderr, files left)."""
-    from hydra.core.global_hydra import GlobalHydra
-
     from resexp import cli
 
     for name in ("HYDRA_FULL_ERROR", "RESEXP_TRACEBACK"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
-    loggers = [logging.getLogger(), logging.getLogger("hydra")]
-    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
 
     def call(*args: str) -> tuple[int, str, str, list[str]]:
         code = cli.main(list(args))
         out, err = capsys.readouterr()
         return code, out, err, sorted(snapshot(tmp_path))
 
-    yield call
-    for logger, (handlers, level, propagate) in zip(loggers, saved):
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-        logger.propagate = propagate
-    GlobalHydra.instance().clear()
+    return call
 
 
 def test_top_level_help_lists_the_commands(main):

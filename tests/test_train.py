@@ -12,7 +12,7 @@ import torch
 
 from resexp import config as config_module
 from resexp.errors import UsageError
-from resexp.train import CHECKPOINT, learning_rate, train
+from resexp.train import CHECKPOINT, learning_rate, resolve_compile, train
 
 SMOKE = ["data=synthetic", "schedule=smoke", "progress=false"]
 VOLATILE = ("time_s", "images_per_s")  # wall-clock figures differ between runs
@@ -147,3 +147,13 @@ def test_killed_process_resumes_to_the_same_metrics(tmp_path):
     resumed = subprocess.run([*command, "name=killed"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert metrics(tmp_path / "killed") == metrics(tmp_path / "straight")
+
+
+def test_compile_auto_compiles_on_a_cpu_only_runs_long_enough_to_repay_it():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    paper = config_module.compose([]).schedule.iterations
+    quick = config_module.compose(["schedule=quick"]).schedule.iterations
+    assert resolve_compile("auto", cpu, paper) is True
+    assert resolve_compile("auto", cpu, quick) is False
+    assert resolve_compile("auto", cuda, quick) is True
+    assert resolve_compile(False, cpu, paper) is False and resolve_compile(True, cpu, quick) is True

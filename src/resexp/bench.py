@@ -15,6 +15,14 @@ compiles, starts workers), then the two take turns at timed windows of ``steps``
 a change in the machine's load hits both alike; the figures are medians over ``windows``
 windows. CUDA is synchronised only at window ends, so a pipeline waits for the GPU only where it
 does so itself (as ``loss.item()`` does).
+
+After the windows, ``gradient_norms`` (what the trainer logs once per evaluation) is timed on
+resexp's model right after a training step, and set against the step time and the evaluation
+intervals of the paper and quick schedules.
+
+``measure=memory`` times nothing: it counts, for one net, batch and precision, the bytes of the
+parameter state (weights, gradients, momentum) and of the tensors autograd saves for backward in
+one training forward pass, and on CUDA the peak memory of a training step.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import UsageError
 
@@ -40,7 +49,9 @@ USAGE = """\
 usage: resexp bench [KEY=VALUE ...]
 
 Measure steady-state training throughput (images/s) of resexp's training step and of the
-usual torchvision DataLoader pipeline on the same net, and write a JSON record.
+usual torchvision DataLoader pipeline on the same net, and the time of the per-layer gradient
+norms the trainer logs; with measure=memory, count the net's training memory instead. Write a
+JSON record.
 
 keys (default):
   arch (resnet)  depth (20)  batch_size (128)       the net and the mini-batch
@@ -51,15 +62,24 @@ keys (default):
   reference (true)                                  false: measure resexp only
   threads (the usable cores)                        CPU threads of the main process, for both pipelines
   seed (0)  json (outputs/bench/<arch>-<depth>-b<batch>-<device>.json)
+  measure (throughput)                              throughput | memory. memory times nothing: it counts the
+                                                    bytes of weights, gradients and momentum and of what autograd
+                                                    saves for backward in one training forward pass at this
+                                                    batch_size and precision, and on CUDA the peak memory of a
+                                                    training step (json: outputs/bench/memory-<arch>-<depth>-
+                                                    b<batch>-<precision>-<device>.json; data keys unused)
 """
 
 DATA_CHOICES = ("synthetic", "imagefolder", "cifar10")
+MEASURE_CHOICES = ("throughput", "memory")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 BOOLEAN_WORDS = {"true": True, "false": False}
 SYNTHETIC_TRAIN_IMAGES = 50_000  # as many as CIFAR-10, so epochs (and the reference's reshuffles) come as often
 UNSTEADY_SPREAD = 1.3  # fastest / slowest window above this: the machine's load changed during the run
 SGD = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=1e-4)  # the paper's recipe, for both pipelines
+GRAD_NORM_CALLS = 5  # timed gradient_norms calls, each right after its own training step
+LOGGED_SCHEDULES = ("paper", "quick")  # schedules whose eval_every the gradient-norm overhead is given for
 
 # The normalisation constants the common CIFAR-10 scripts use (any values cost the same).
 REFERENCE_MEAN = (0.4914, 0.4822, 0.4465)
@@ -103,6 +123,7 @@ class BenchSettings:
     threads: int | None = None  # CPU threads of the main process; None: as resexp train sets them
     seed: int = 0
     json: str | None = None
+    measure: str = "throughput"
 
 
 def parse_arguments(args: list[str]) -> BenchSettings:
@@ -201,6 +222,7 @@ PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "threads": ("threads", _optional_whole_number),
     "seed": ("seed", _whole_number(0)),
     "json": ("json", _text),
+    "measure": ("measure", _choice(MEASURE_CHOICES)),
 }
 
 
@@ -300,6 +322,7 @@ class Pipeline:
     one_step: Callable[[], None]
     description: dict
     close: Callable[[], None] = lambda: None
+    model: nn.Module | None = None  # the trained net, where something besides the step looks at it
     first_step_s: float = 0.0
     peak_memory_mb: float = 0.0
     window_s: list[float] = field(default_factory=list)
@@ -364,6 +387,54 @@ def summarize(pipeline: Pipeline, settings: BenchSettings, macs_per_image: int, 
     }
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """Round to significant digits: the overhead fractions are far below what fixed decimals keep."""
+    return float(f"{value:.{digits}g}")
+
+
+def time_gradient_norms(pipeline: Pipeline, device: torch.device, calls: int = GRAD_NORM_CALLS) -> list[float]:
+    """Seconds of ``gradient_norms(model)`` right after a training step, as the trainer calls it."""
+    from .models import gradient_norms
+
+    seconds = []
+    for _ in range(calls):
+        pipeline.one_step()  # fresh gradients, and caches in the state a step leaves them
+        synchronize(device)  # so that the timer sees the norms, not the step's queued GPU work
+        start = time.perf_counter()
+        gradient_norms(pipeline.model)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def paper_iterations() -> int:
+    """``schedule.iterations`` of the paper's schedule, from the config ``resexp train`` composes."""
+    from .config import compose
+
+    return int(compose([]).schedule.iterations)
+
+
+def eval_intervals(schedules: tuple[str, ...] = LOGGED_SCHEDULES) -> dict[str, int]:
+    """``schedule.eval_every`` of each schedule, from the configs ``resexp train`` composes."""
+    from .config import compose
+
+    return {name: int(compose([f"schedule={name}"]).schedule.eval_every) for name in schedules}
+
+
+def gradient_norm_figures(call_s: list[float], step_ms: float, intervals: dict[str, int]) -> dict:
+    """The gradient-norm time against one step, and spread over the steps between two evaluations."""
+    median_ms = 1000 * statistics.median(call_s)
+    return {
+        "median_ms": round(median_ms, 4),
+        "call_ms": [round(1000 * s, 4) for s in call_s],
+        "step_ms": step_ms,
+        "fraction_of_step": significant(median_ms / step_ms),
+        # Logged once per evaluation: the cost per training step is median / (eval_every x step).
+        "overhead_per_step": {name: {"eval_every": every, "fraction": significant(median_ms / (every * step_ms))}
+                              for name, every in intervals.items()},
+    }
+
+
 # --- the two pipelines --------------------------------------------------------------------------
 
 def resexp_pipeline(data, settings: BenchSettings, device: torch.device, precision: str,
@@ -371,7 +442,8 @@ def resexp_pipeline(data, settings: BenchSettings, device: torch.device, precisi
     """resexp's training step, built as ``train.train`` builds it."""
     from .data import TrainBatches, pixel_mean
     from .models import build_model
-    from .train import TrainStep, autocast, make_optimizer
+    from .train import (GraphedTrainStep, TrainStep, autocast, learning_rate_tensor, make_optimizer,
+                        resolve_cuda_graph)
 
     images = data.train_images.to(device)
     labels = data.train_labels.to(device)
@@ -380,9 +452,12 @@ def resexp_pipeline(data, settings: BenchSettings, device: torch.device, precisi
     torch.manual_seed(settings.seed)
     model = build_model(settings.arch, settings.depth, num_classes=len(data.classes))
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, SGD, device)
+    lr = learning_rate_tensor(SGD.lr, device)
+    optimizer = make_optimizer(model, SGD, device, lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step = TrainStep(model, optimizer, scaler, autocast(device, precision), compile_model=compile_model)
+    cuda_graph = resolve_cuda_graph("auto", device, precision)  # as resexp train does by default
+    step = (GraphedTrainStep if cuda_graph else TrainStep)(model, optimizer, scaler, autocast(device, precision),
+                                                           compile_model=compile_model)
     step_stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, errors, images: kept per step
     batch_images = torch.tensor(float(settings.batch_size), dtype=torch.float64, device=device)
     iteration = 0
@@ -390,15 +465,16 @@ def resexp_pipeline(data, settings: BenchSettings, device: torch.device, precisi
 
     def one_step() -> None:
         nonlocal iteration
+        lr.fill_(SGD.lr)  # the training loop sets the scheduled rate every iteration
         x, y = batches.batch(iteration)
         loss, wrong = step(x.contiguous(memory_format=torch.channels_last), y)
         step_stats.add_(torch.stack([loss.double() * len(y), wrong.double(), batch_images]))
         iteration += 1
 
     return Pipeline("resexp", one_step, {
-        "precision": precision, "compile": compile_model, "memory_format": "channels_last",
+        "precision": precision, "compile": compile_model, "cuda_graph": cuda_graph, "memory_format": "channels_last",
         "data_pipeline": "TrainBatches on the training device",
-    })
+    }, model=model)
 
 
 class PILImageDataset(torch.utils.data.Dataset):
@@ -476,6 +552,121 @@ def reference_pipeline(data, settings: BenchSettings, device: torch.device) -> P
     }, close)
 
 
+# --- memory (measure=memory) --------------------------------------------------------------------
+
+STATE_STEP_BATCH = 2  # off CUDA, the steps that make the gradients and momentum need not be full-sized
+
+
+def parameter_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of the weights, their gradients and SGD's momentum buffers, after a training step.
+
+    Autocast keeps all three in the weights' own dtype (fp32) whatever the precision.
+    """
+    def size(tensors) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors if tensor is not None)
+
+    parameters = list(model.parameters())
+    figures = {
+        "parameter_bytes": size(parameters),
+        "gradient_bytes": size(p.grad for p in parameters),
+        "momentum_bytes": size(state.get("momentum_buffer") for state in optimizer.state.values()),
+    }
+    return {**figures, "parameter_state_bytes": sum(figures.values())}
+
+
+def saved_for_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp) -> dict[str, int]:
+    """Bytes autograd keeps for backward in one training forward pass, by dtype.
+
+    Each storage counts once (a ReLU's output is also the next convolution's input). The
+    weights and BN buffers are left out: the parameter state holds them already. Autocast's
+    low-precision copies of the weights are new tensors, so they count.
+    """
+    held = {tensor.untyped_storage().data_ptr() for tensor in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, tuple[str, int]] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in held:
+            seen.setdefault(storage.data_ptr(), (str(tensor.dtype).removeprefix("torch."), storage.nbytes()))
+        return tensor  # the graph keeps it alive, so no other storage takes its address during the pass
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), amp:
+        loss = F.cross_entropy(model(x).float(), y)  # as TrainStep computes it
+    del loss  # the graph, and what it saved, go with it
+    by_dtype: dict[str, int] = {}
+    for dtype, nbytes in seen.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+    return by_dtype
+
+
+def run_memory(settings: BenchSettings) -> dict:
+    """Count the memory of one net's training at one batch size and precision; return the record."""
+    from .models import build_model, count_parameters
+    from .train import (TrainStep, autocast, configure_backend, make_optimizer, resolve_compile, resolve_device,
+                        resolve_precision)
+
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    on_cuda = device.type == "cuda"
+    compile_model = resolve_compile(settings.compile, device) and on_cuda  # off CUDA no step is measured
+    configure_backend(device)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    load_average_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    def random_batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # The bytes depend on shapes only, so random images do.
+        x = torch.randn(size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        return x, torch.randint(0, 10, (size,), device=device)
+
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.arch, settings.depth).to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, SGD, device)
+    amp = autocast(device, precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step = TrainStep(model, optimizer, scaler, amp, compile_model=compile_model)
+    try:
+        x, y = random_batch(settings.batch_size if on_cuda else STATE_STEP_BATCH)
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(2):  # the first step also makes the momentum buffers (and, on CUDA, tries kernels)
+            step(x, y)
+        synchronize(device)
+        cuda_peak = torch.cuda.max_memory_allocated(device) if on_cuda else None
+        state = parameter_state(model, optimizer)
+        del x, y
+        x, y = random_batch(settings.batch_size)
+        start = time.perf_counter()
+        saved = saved_for_backward(model, x, y, amp)
+        synchronize(device)
+        forward_s = time.perf_counter() - start
+    except torch.OutOfMemoryError as error:
+        raise UsageError(f"out of GPU memory at batch_size={settings.batch_size}; use a smaller batch_size") from error
+
+    saved_bytes = sum(saved.values())
+    return {
+        "measure": "memory",
+        "memory": {
+            **state,
+            "saved_activation_bytes": saved_bytes,
+            "saved_activation_bytes_by_dtype": saved,
+            "saved_activation_bytes_per_image": round(saved_bytes / settings.batch_size),
+            # An estimate, not a peak: a step also holds activation gradients, kernel workspaces
+            # and the allocator's slack, and on a GPU the CUDA context besides.
+            "estimate_bytes": state["parameter_state_bytes"] + saved_bytes,
+            "cuda_peak_bytes": cuda_peak,
+            "cuda_peak_kind": "torch.cuda.max_memory_allocated over the first two training steps"
+                              if on_cuda else None,
+            "forward_s": round(forward_s, 2),
+        },
+        "model": {"arch": settings.arch, "depth": settings.depth, "parameters": count_parameters(model)},
+        "settings": {**asdict(settings), "device": device.type, "precision": precision, "compile": compile_model},
+        "environment": environment_record(device, torch.cuda.get_device_name(device) if on_cuda else cpu_model(),
+                                          None, load_average_start),
+    }
+
+
 # --- the command --------------------------------------------------------------------------------
 
 def load_images(settings: BenchSettings):
@@ -493,8 +684,11 @@ def load_images(settings: BenchSettings):
     return data
 
 
-def default_json_path(settings: BenchSettings, device: torch.device) -> Path:
-    return Path("outputs") / "bench" / f"{settings.arch}-{settings.depth}-b{settings.batch_size}-{device.type}.json"
+def default_json_path(settings: BenchSettings, device: torch.device, precision: str) -> Path:
+    name = f"{settings.arch}-{settings.depth}-b{settings.batch_size}"
+    if settings.measure == "memory":  # one record per precision: they are compared side by side
+        return Path("outputs") / "bench" / f"memory-{name}-{precision}-{device.type}.json"
+    return Path("outputs") / "bench" / f"{name}-{device.type}.json"
 
 
 def run_bench(settings: BenchSettings) -> dict:
@@ -504,7 +698,8 @@ def run_bench(settings: BenchSettings) -> dict:
 
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
-    compile_model = resolve_compile(settings.compile, device)
+    # compile=auto as resexp train decides it for the paper's schedule (the run a user times).
+    compile_model = resolve_compile(settings.compile, device, paper_iterations())
     configure_backend(device)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
@@ -528,6 +723,7 @@ def run_bench(settings: BenchSettings) -> dict:
         for _ in range(settings.windows):
             for pipeline in pipelines:  # alternate windows, so a change in the machine's load hits both alike
                 time_window(pipeline, settings.steps, device)
+        grad_norm_s = time_gradient_norms(pipelines[0], device)
     except torch.OutOfMemoryError as error:
         raise UsageError(f"out of GPU memory at batch_size={settings.batch_size}; use a smaller batch_size") from error
     finally:
@@ -536,8 +732,7 @@ def run_bench(settings: BenchSettings) -> dict:
     figures = {pipeline.name: summarize(pipeline, settings, macs_per_image, peak_tflops, device)
                for pipeline in pipelines}
     resexp, reference = figures["resexp"], figures.get("reference")
-
-    import torchvision
+    grad_norms = gradient_norm_figures(grad_norm_s, resexp["ms_per_step"], eval_intervals())
 
     reference_images_per_s = reference["images_per_s"] if reference else None
     window_ratios = [round(r / p, 3) for r, p in zip(resexp["window_images_per_s"],
@@ -552,27 +747,36 @@ def run_bench(settings: BenchSettings) -> dict:
         "window_ratio_median": round(statistics.median(window_ratios), 3) if reference else None,
         "resexp": resexp,
         "reference": reference,
+        "grad_norms": grad_norms,
+        "measure": "throughput",
         "model": {"arch": settings.arch, "depth": settings.depth, "parameters": parameters,
                   "forward_macs_per_image": macs_per_image},
         "settings": {**asdict(settings), "device": device.type, "precision": precision, "compile": compile_model,
                      "train_images": len(data.train_images)},
-        "environment": {
-            "device": device.type,
-            "device_name": device_name,
-            "bf16_dense_peak_tflops": peak_tflops,
-            "cpu_model": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "usable_cores": usable_cores(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "cuda": torch.version.cuda,
-            "python": platform.python_version(),
-            "host": platform.node(),
-            "load_average_start": list(load_average_start) if load_average_start else None,
-            "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
+        "environment": environment_record(device, device_name, peak_tflops, load_average_start),
+    }
+
+
+def environment_record(device: torch.device, device_name: str, peak_tflops: float | None,
+                       load_average_start) -> dict:
+    import torchvision
+
+    return {
+        "device": device.type,
+        "device_name": device_name,
+        "bf16_dense_peak_tflops": peak_tflops,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "load_average_start": list(load_average_start) if load_average_start else None,
+        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
@@ -596,7 +800,7 @@ def format_table(record: dict) -> str:
                      f"{figures['achieved_tflops']:>10.3f}")
     lines.append("")
     for label, figures in pipelines:
-        compiled = ", compiled" if figures["compile"] else ""
+        compiled = (", compiled" if figures["compile"] else "") + (", CUDA graph" if figures.get("cuda_graph") else "")
         lines.append(f"{label}: {figures['precision']}{compiled}, {figures['memory_format']}, "
                      f"{figures['data_pipeline']}")
     if record["ratio"] is not None:
@@ -616,10 +820,54 @@ def format_table(record: dict) -> str:
         lines.append(f"resexp reaches {100 * record['resexp']['bf16_peak_fraction']:.1f}% of the bf16 dense peak "
                      f"({environment['bf16_dense_peak_tflops']:.0f} TFLOP/s)")
     lines.append(f"peak memory: {record['resexp']['peak_memory_kind']}")
+    grad_norms = record["grad_norms"]
+    overheads = ", ".join(f"{100 * figures['fraction']:.2g}% at eval_every={figures['eval_every']} ({name})"
+                          for name, figures in grad_norms["overhead_per_step"].items())
+    lines.append(f"gradient norms (logged at each evaluation): {grad_norms['median_ms']:.2f} ms after a step "
+                 f"(median of {len(grad_norms['call_ms'])}), {100 * grad_norms['fraction_of_step']:.2g}% of a step")
+    lines.append(f"  spread over the steps between evaluations: {overheads} per step")
+    lines.append(load_line(environment))
+    return "\n".join(line for line in lines if line is not None)
+
+
+def load_line(environment: dict) -> str | None:
     load = environment["load_average_start"]
-    if load:
-        lines.append(f"load average (1 min) at start {load[0]:.2f}, at end {environment['load_average_end'][0]:.2f}")
-    return "\n".join(lines)
+    if not load:
+        return None
+    return f"load average (1 min) at start {load[0]:.2f}, at end {environment['load_average_end'][0]:.2f}"
+
+
+def format_memory_table(record: dict) -> str:
+    environment, model, settings, memory = record["environment"], record["model"], record["settings"], record["memory"]
+
+    def mib(nbytes: int) -> str:
+        return f"{nbytes / 2**20:>10.1f}"
+
+    by_dtype = ", ".join(f"{dtype} {nbytes / 2**20:.1f}"
+                         for dtype, nbytes in memory["saved_activation_bytes_by_dtype"].items())
+    if memory["cuda_peak_bytes"] is not None:
+        peak = f"{mib(memory['cuda_peak_bytes'])}   {memory['cuda_peak_kind']}"
+    else:
+        peak = f"{'-':>10}   not measured: no CUDA device ({environment['device']})"
+    lines = [
+        f"{model['arch']}-{model['depth']}, batch {settings['batch_size']}, {settings['precision']}, "
+        f"{environment['device']} ({environment['device_name']}, {environment['torch_threads']} threads), "
+        f"torch {environment['torch']}; {model['parameters'] / 1e6:.2f} M parameters",
+        "",
+        f"{'':<40}{'MiB':>10}",
+        f"{'weights + gradients + momentum':<40}{mib(memory['parameter_state_bytes'])}   "
+        f"weights {memory['parameter_bytes'] / 2**20:.1f}, gradients {memory['gradient_bytes'] / 2**20:.1f}, "
+        f"momentum {memory['momentum_bytes'] / 2**20:.1f}",
+        f"{'saved for backward, one forward':<40}{mib(memory['saved_activation_bytes'])}   "
+        f"{by_dtype}; {memory['saved_activation_bytes_per_image'] / 2**20:.2f} MiB per image",
+        f"{'estimate: the two together':<40}{mib(memory['estimate_bytes'])}   "
+        "not a peak: a step also holds activation gradients, workspaces, allocator slack",
+        f"{'peak of a training step':<40}{peak}",
+        "",
+        f"the forward pass with the counting hooks took {memory['forward_s']:.1f} s",
+        load_line(environment),
+    ]
+    return "\n".join(line for line in lines if line is not None)
 
 
 def bench_command(args: list[str]) -> int:
@@ -629,9 +877,11 @@ def bench_command(args: list[str]) -> int:
         print(USAGE)
         return 0
     settings = parse_arguments(args)
-    record = run_bench(settings)
-    path = Path(settings.json) if settings.json else default_json_path(settings, torch.device(record["settings"]["device"]))
+    memory = settings.measure == "memory"
+    record = run_memory(settings) if memory else run_bench(settings)
+    path = Path(settings.json) if settings.json else default_json_path(
+        settings, torch.device(record["settings"]["device"]), record["settings"]["precision"])
     atomic_write_json(path, record)
-    print(format_table(record))
+    print(format_memory_table(record) if memory else format_table(record))
     print(f"record: {path}")
     return 0

@@ -112,7 +112,13 @@ def print_result(result: dict, run_dir: Path) -> None:
 
 
 def train_command(args: list[str]) -> int:
+    from .slots import SLOT_OPTIONS
+
     flags, overrides = split_flags(args)
+    sweep_words = [o for o in overrides if o.partition("=")[0] in SLOT_OPTIONS]
+    if sweep_words:
+        raise UsageError(f"{sweep_words[0]} is an option of resexp sweep (several runs at once); resexp train runs "
+                         "one net: pick its GPU with CUDA_VISIBLE_DEVICES=N resexp train ...")
     if "-m" in flags or "--multirun" in flags:
         raise UsageError("resexp train runs one net; use resexp sweep for several (drop -m/--multirun)")
     if not INFO_FLAGS.intersection(flags):
@@ -148,9 +154,13 @@ def register_sweeper() -> None:
 
 def sweep_command(args: list[str]) -> int:
     from . import sweep as sweep_module
+    from .slots import split_slot_options
     from .train import RunInterrupted
 
     flags, overrides = split_flags(args)
+    # gpus=0,1 reads as a Hydra sweep: it becomes fixed sweep.gpus=[...] before anything parses the overrides.
+    overrides, slot_overrides = split_slot_options(overrides)
+    overrides += slot_overrides
     flags = [flag for flag in flags if flag not in ("-m", "--multirun")]
     if INFO_FLAGS.intersection(flags):
         # Hydra shows --cfg/--info for one job, not a multirun: show the grid's first job.

@@ -24,8 +24,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MODEL_DEFAULTS = {"shortcut": "A", "block": "basic", "residual_scale": 1.0, "family": "cifar", "width": 256}
 # Keys that may differ when a run resumes: where results go and how they are shown,
 # not what is trained.
-RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "compile", "sweep", "launcher",
-                         "data.root", "data.download")
+RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "compile", "cuda_graph", "sweep",
+                         "launcher", "data.root", "data.download")
 
 
 # --- run names ---------------------------------------------------------------------------------
@@ -166,6 +166,13 @@ def problems(cfg: DictConfig) -> list[str]:
     one_of("precision", PRECISIONS)
     need(isinstance(cfg.resume, bool), "resume", "true or false")
     need(cfg.compile in ("auto", True, False), "compile", "auto, true or false")
+    cuda_graph = OmegaConf.select(cfg, "cuda_graph", default="auto")
+    need(cuda_graph in ("auto", True, False), "cuda_graph", "auto, true or false")
+    if cuda_graph is True and cfg.device == "cpu":
+        found.append("cuda_graph=true needs a CUDA GPU, but device=cpu; use cuda_graph=auto or cuda_graph=false")
+    if cuda_graph is True and cfg.precision == "fp16":
+        found.append("cuda_graph=true cannot capture precision=fp16 (GradScaler checks for overflow on the CPU); "
+                     "use precision=bf16, or cuda_graph=auto to train fp16 without a graph")
 
     for key in ("iterations", "batch_size", "eval_every", "checkpoint_every", "eval_batch_size"):
         positive_int(f"schedule.{key}")
@@ -198,6 +205,23 @@ def problems(cfg: DictConfig) -> list[str]:
     if cfg.data.name == "imagefolder":
         need(cfg.data.root is not None, "data.root",
              "the folder holding train/<class>/* and test/<class>/* for data=imagefolder (e.g. data.root=data/cifar10-jpeg)")
+
+    # Several runs at once on this machine (resexp sweep gpus=... runs_per_gpu=...).
+    gpus = OmegaConf.select(cfg, "sweep.gpus", default=None)
+    need(gpus is None or (isinstance(gpus, ListConfig) and len(gpus) > 0 and len(set(gpus)) == len(gpus)
+                          and all(_is_int(gpu) and gpu >= 0 for gpu in gpus)),
+         "sweep.gpus", "null or a list of distinct GPU numbers (gpus=0,1 on the resexp sweep command line)")
+    runs_per_gpu = OmegaConf.select(cfg, "sweep.runs_per_gpu", default=1)
+    need(_is_int(runs_per_gpu) and runs_per_gpu > 0, "sweep.runs_per_gpu", "a positive integer")
+    launcher = OmegaConf.select(cfg, "launcher.name", default="local")
+    fuse = OmegaConf.select(cfg, "sweep.fuse", default=False)
+    need(isinstance(fuse, bool), "sweep.fuse", "true or false (fuse=true on the resexp sweep command line)")
+    if fuse is True and launcher != "local":
+        found.append(f"fuse=true trains several runs in one process on this machine, but launcher={launcher} "
+                     "starts each run as a job of its own; drop fuse or use launcher=local")
+    if gpus is not None and launcher != "local":
+        found.append(f"gpus={','.join(map(str, gpus))} runs several jobs at once on this machine, but "
+                     f"launcher={launcher} starts each job itself (one GPU per job); drop gpus or use launcher=local")
     return found
 
 

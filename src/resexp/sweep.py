@@ -64,7 +64,8 @@ def sweep_name(arguments: list[str]) -> str:
     for override in sorted(parse_overrides(arguments), key=lambda o: o.get_key_element()):
         key = override.get_key_element().lstrip("+~")
         # Where and how a sweep runs does not change what it trains, nor its folder.
-        if key.split(".")[0] in ("hydra", "launcher", "name", "out", "progress", "resume", "device", "compile"):
+        if key.split(".")[0] in ("hydra", "launcher", "name", "out", "progress", "resume", "device", "compile",
+                                 "cuda_graph", "sweep"):
             continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() \
             else [override.get_value_element_as_str()]
@@ -156,30 +157,69 @@ def read_sweep_record(sweep_dir: Path) -> dict | None:
 
 def run_job(cfg: DictConfig, run_dir: str, job_number: int | None = None) -> dict:
     """Train one run of a sweep; record, rather than raise, anything that goes wrong with it."""
+    return run_jobs([cfg], [run_dir], None if job_number is None else [job_number])[0]
+
+
+def run_jobs(configs: list[DictConfig], run_dirs: list, job_numbers: list[int] | None = None) -> list[dict]:
+    """Train runs of a sweep: one alone, several fused (``resexp.fused``, for ``fuse=true``).
+
+    Anything that goes wrong is recorded in each run's result.json (and error.txt for a crash)
+    rather than raised, so that one failing job never stops the sweep.
+    """
     from .train import RESULT, train
 
-    run_dir = Path(run_dir)
-    total = cfg.sweep.size
-    if job_number is not None and total:
-        print(f"[sweep {job_number + 1}/{total}] {run_dir.name}{sweep_eta(run_dir.parent, job_number, total)}",
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    total = configs[0].sweep.size
+    if job_numbers is not None and total:
+        label = "/".join(str(number + 1) for number in job_numbers)
+        names = " + ".join(run_dir.name for run_dir in run_dirs) + (" (fused)" if len(run_dirs) > 1 else "")
+        print(f"[sweep {label}/{total}] {names}{sweep_eta(run_dirs[0].parent, job_numbers[0], total)}",
               file=sys.stderr, flush=True)
+    crash = None
     try:
-        return train(cfg, run_dir)
+        if len(configs) == 1:
+            return [train(configs[0], run_dirs[0])]
+        from .fused import train_fused
+
+        return train_fused(configs, run_dirs)
     except UsageError as error:
         message = str(error)
-    except Exception as error:  # any other crash: keep the traceback beside the run, go on with the sweep
+    except Exception as error:  # any other crash: keep the traceback beside the runs, go on with the sweep
         message = f"{type(error).__name__}: {error}"
-        (run_dir / "error.txt").write_text(traceback.format_exc())
-    print(f"{run_dir.name}: failed: {message}", file=sys.stderr, flush=True)
-    previous = {}
-    try:
-        previous = read_json(run_dir / RESULT)
-    except (OSError, ValueError):
-        pass
-    record = {**previous, "status": "failed", "run_name": run_dir.name, "arch": cfg.arch, "depth": cfg.depth,
-              "seed": cfg.seed, "error": message}
-    atomic_write_json(run_dir / RESULT, record)
-    return {**record, "outcome": "failed"}
+        crash = traceback.format_exc()
+    records = []
+    for cfg, run_dir in zip(configs, run_dirs):
+        if crash is not None:
+            (run_dir / "error.txt").write_text(crash)
+        print(f"{run_dir.name}: failed: {message}", file=sys.stderr, flush=True)
+        previous = {}
+        try:
+            previous = read_json(run_dir / RESULT)
+        except (OSError, ValueError):
+            pass
+        record = {**previous, "status": "failed", "run_name": run_dir.name, "arch": cfg.arch, "depth": cfg.depth,
+                  "seed": cfg.seed, "error": message}
+        atomic_write_json(run_dir / RESULT, record)
+        records.append({**record, "outcome": "failed"})
+    return records
+
+
+def run_fused_groups(planned: list[dict], sweep_dir: Path, configs: list[DictConfig],
+                     groups: list[list[int]]) -> list:
+    """``fuse=true`` with the local launcher: each group of compatible runs trained together, here.
+
+    Returns one Hydra ``JobReturn`` per planned job, in order, as the launcher would.
+    """
+    from hydra.core.utils import JobReturn, JobStatus
+
+    results: list = [None] * len(planned)
+    for group in groups:
+        records = run_jobs([configs[n] for n in group], [sweep_dir / planned[n]["run"] for n in group], group)
+        for number, record in zip(group, records):
+            results[number] = JobReturn(overrides=planned[number]["overrides"],
+                                        working_dir=str(sweep_dir / planned[number]["run"]), task_name="resexp",
+                                        status=JobStatus.COMPLETED, _return_value=record)
+    return results
 
 
 def sweep_eta(sweep_dir: Path, job_number: int, total: int) -> str:

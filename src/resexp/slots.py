@@ -1,0 +1,381 @@
+"""Several runs of a sweep at once on one machine: ``resexp sweep depth=20,56 gpus=0,1 runs_per_gpu=2``.
+
+With ``gpus`` the sweeper hands its planned jobs here instead of to Hydra's launcher. There
+are ``len(gpus) x runs_per_gpu`` slots; each job trains in a process of its own
+(``python -m resexp.slots``, the end of this module) started in a free slot with
+``CUDA_VISIBLE_DEVICES`` set to that slot's GPU, so the run sees its GPU alone, as cuda:0.
+The job process composes the job's config from the same overrides and calls
+``resexp.sweep.run_job``, as a job of Hydra's local launcher does: the run folders, checks
+and skip/resume/retry rules are those of any sweep. It writes run_job's record (the run's
+result and what this call did with it) to a file the scheduler reads; its output goes to
+``<run>/slot.log``. A job process that ends without that record (killed, crashed) is a
+failed run.
+
+Ctrl-C or SIGTERM: each running job gets SIGINT (it finishes its step and saves a
+checkpoint), no other job starts, and once they have ended the sweep stops as an
+interrupted sweep of the local launcher does. A second signal is passed on as well:
+the jobs stop at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+from .files import atomic_write_json, read_json
+
+SLOT_OPTIONS = ("gpus", "runs_per_gpu", "fuse")  # words of `resexp sweep` about how its runs are executed
+LOG = "slot.log"
+POLL_S = 0.2  # how often the scheduler looks for ended jobs and signals to pass on
+
+
+# --- the command-line words ---------------------------------------------------------------------
+
+def split_slot_options(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Take ``gpus=...``, ``runs_per_gpu=...`` and ``fuse=...`` out of the overrides.
+
+    ``gpus=0,1`` reads as a Hydra sweep over a key that does not exist, so these words leave
+    before Hydra sees the overrides. Returns the other overrides and, in place of the words,
+    fixed ``sweep.gpus=[...]``, ``sweep.runs_per_gpu=N`` and ``sweep.fuse=...`` overrides.
+    """
+    given: dict[str, str] = {}
+    others = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key not in SLOT_OPTIONS:
+            others.append(override)
+        elif key in given:
+            raise UsageError(f"{key} is given twice ({key}={given[key]} and {override}); give it once")
+        else:
+            given[key] = value.strip()
+    fused = []
+    if "fuse" in given:
+        fuse = given.pop("fuse").lower()
+        if fuse not in ("true", "false"):
+            raise UsageError(f"fuse must be true or false (train runs of the same layer shapes together); got {fuse!r}")
+        fused = [f"sweep.fuse={fuse}"]
+    if not given:
+        return others, fused
+    if "gpus" not in given:
+        raise UsageError(f"runs_per_gpu={given['runs_per_gpu']} needs gpus=... (the GPUs to share), "
+                         f"e.g. gpus=0 runs_per_gpu={given['runs_per_gpu']}")
+    gpus = parse_gpus(given["gpus"])
+    runs_per_gpu = given.get("runs_per_gpu", "1")
+    if not (_is_number_word(runs_per_gpu) and int(runs_per_gpu) > 0):
+        raise UsageError(f"runs_per_gpu must be a positive integer (how many runs share each GPU at once); "
+                         f"got {runs_per_gpu!r}")
+    return others, [f"sweep.gpus=[{','.join(map(str, gpus))}]", f"sweep.runs_per_gpu={int(runs_per_gpu)}", *fused]
+
+
+def parse_gpus(text: str) -> list[int]:
+    """``0,1,2,3`` (or ``[0,1,2,3]``): GPU numbers as CUDA_VISIBLE_DEVICES takes them; ``all``: every visible GPU."""
+    if text == "all":
+        return visible_gpus()
+    words = [word.strip() for word in text.strip("[]").split(",")]
+    if not all(_is_number_word(word) for word in words):
+        raise UsageError(f"gpus must be GPU numbers as CUDA_VISIBLE_DEVICES takes them (e.g. gpus=0,1,2,3), "
+                         f"or all; got {text!r}")
+    gpus = [int(word) for word in words]
+    repeated = sorted({gpu for gpu in gpus if gpus.count(gpu) > 1})
+    if repeated:
+        raise UsageError(f"gpus={text} names GPU {repeated[0]} more than once; name each GPU once, "
+                         f"and runs_per_gpu=N runs N jobs on each")
+    check_gpus_exist(gpus)
+    return gpus
+
+
+def _is_number_word(word: str) -> bool:
+    return word.isascii() and word.isdigit()
+
+
+def visible_gpus() -> list[int]:
+    """The GPUs this process sees, by the numbers CUDA_VISIBLE_DEVICES takes."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise UsageError("gpus=all, but no CUDA GPU is visible here; leave gpus out and the sweep's runs "
+                         "train one after another")
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return list(range(count))
+    words = [word.strip() for word in listed.split(",")][:count]
+    if not all(_is_number_word(word) for word in words):
+        raise UsageError(f"gpus=all, but CUDA_VISIBLE_DEVICES={listed} does not name its GPUs by number; "
+                         "give them as gpus=0,1,...")
+    return [int(word) for word in words]
+
+
+def check_gpus_exist(gpus: list[int]) -> None:
+    """On a machine whose GPUs are all visible, a number past the last one is a typo.
+
+    Without the check, that slot's runs would quietly train on the CPU (device=auto finds no
+    GPU). A machine without GPUs is allowed: its runs share the CPU cores.
+    """
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return  # the numbers name the machine's GPUs, which cannot be counted from behind this mask
+    import torch
+
+    count = torch.cuda.device_count()
+    missing = [gpu for gpu in gpus if gpu >= count]
+    if count and missing:
+        raise UsageError(f"gpus names GPU {missing[0]}, but this machine has {count} GPU(s): 0 to {count - 1}")
+
+
+# --- the scheduler ------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """A sweep job running in a slot: one run, or the runs of a fused group (``fuse=true``)."""
+    numbers: list[int]     # positions in the sweep, from 0
+    runs: list[str]        # their run folders' names
+    run_dirs: list[Path]
+    overrides: list[list[str]]
+    gpu: int
+    process: subprocess.Popen
+    record_file: Path      # where the job process writes run_jobs' records
+    stops_sent: int = 0    # SIGINTs passed on to it
+
+    @property
+    def log(self) -> Path:
+        return self.run_dirs[0] / LOG  # a fused group's process writes into its first run's folder
+
+
+def run_in_slots(planned: list[dict], sweep_dir: Path, gpus: list[int], runs_per_gpu: int,
+                 extra_overrides: list[str] = (), groups: list[list[int]] | None = None) -> list:
+    """Train the planned jobs, up to ``len(gpus) x runs_per_gpu`` at once.
+
+    ``groups`` (indices into ``planned``) are trained together in one process each, fused
+    (``resexp.fused``); by default every job is a group of its own. Returns one Hydra
+    ``JobReturn`` per job, in the planned order, holding run_job's record, so that
+    ``resexp.sweep.finished_record`` reads them as it reads the local launcher's. After SIGINT
+    or SIGTERM, raises RunInterrupted once every running job has ended.
+    """
+    from .train import RunInterrupted
+
+    # One entry per free slot; this order puts the first runs on different GPUs.
+    free_gpus = [gpu for _ in range(runs_per_gpu) for gpu in gpus]
+    threads = threads_per_job(len(free_gpus))
+    waiting = list(groups) if groups is not None else [[number] for number in range(len(planned))]
+    running: list[Job] = []
+    results: list = [None] * len(planned)
+    with tempfile.TemporaryDirectory(prefix="resexp-slots-") as scratch, StopRequests() as stops:
+        try:
+            while running or (waiting and not stops.count):
+                while waiting and free_gpus and not stops.count:
+                    numbers = waiting.pop(0)
+                    running.append(start_job(numbers, len(planned), [planned[n] for n in numbers], Path(sweep_dir),
+                                             free_gpus.pop(0), threads, Path(scratch), list(extra_overrides)))
+                time.sleep(POLL_S)
+                pass_on_stops(running, stops.count)
+                for job in [job for job in running if job.process.poll() is not None]:
+                    running.remove(job)
+                    free_gpus.append(job.gpu)
+                    for number, job_result in zip(job.numbers, job_returns(job, interrupted=bool(stops.count))):
+                        results[number] = job_result
+        finally:
+            stop_now(running)  # only left running when the scheduler itself failed
+    if stops.count:
+        raise RunInterrupted(stops.first)
+    return results
+
+
+def threads_per_job(slots: int) -> int:
+    """CPU threads for each job: this process's cores shared out, never more than OMP_NUM_THREADS asks."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // slots)
+    asked = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if _is_number_word(asked) and int(asked) > 0:
+        threads = min(threads, int(asked))
+    return threads
+
+
+def start_job(numbers: list[int], total: int, jobs: list[dict], sweep_dir: Path, gpu: int, threads: int,
+              scratch: Path, extra_overrides: list[str]) -> Job:
+    run_dirs = [sweep_dir / job["run"] for job in jobs]
+    for run_dir in run_dirs:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    record_file = scratch / f"job-{numbers[0]}.json"
+    overrides = [[*job["overrides"], *extra_overrides] for job in jobs]
+    spec_file = scratch / f"job-{numbers[0]}-spec.json"
+    atomic_write_json(spec_file, [{"run_dir": str(run_dir), "overrides": job_overrides}
+                                  for run_dir, job_overrides in zip(run_dirs, overrides)])
+    command = [sys.executable, "-m", "resexp.slots", "--record", str(record_file),
+               "--scheduler-pid", str(os.getpid()), str(spec_file)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    names = " + ".join(job["run"] for job in jobs) + (" (fused)" if len(jobs) > 1 else "")
+    log_path = run_dirs[0] / LOG
+    label = "/".join(str(number + 1) for number in numbers)
+    print(f"[sweep {label}/{total}] {names} on GPU {gpu} (output: {log_path})", file=sys.stderr, flush=True)
+    # Appended to, so that the output of an earlier attempt (a failure, say) stays readable.
+    with open(log_path, "a") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {names}: CUDA_VISIBLE_DEVICES={gpu}, "
+                  f"{threads} CPU thread(s)\n")
+        log.flush()
+        # A session of its own: a Ctrl-C in the terminal reaches the scheduler alone, which passes it on once.
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    return Job(numbers, [job["run"] for job in jobs], run_dirs, overrides, gpu, process, record_file)
+
+
+def job_returns(job: Job, interrupted: bool) -> list:
+    """The ended job's Hydra JobReturns, one per run, each holding run_job's record (or a failed run's)."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    try:
+        records = read_json(job.record_file)
+    except (OSError, ValueError):
+        records = None
+    if not isinstance(records, list) or len(records) != len(job.runs):
+        records = [None if interrupted else ended_without_record(job, run, run_dir)
+                   for run, run_dir in zip(job.runs, job.run_dirs)]
+    returns = []
+    for run, run_dir, overrides, record in zip(job.runs, job.run_dirs, job.overrides, records):
+        if record is not None:
+            if record.get("outcome") == "failed":
+                print(f"{run}: failed: {record.get('error')}", file=sys.stderr, flush=True)
+            else:
+                print(f"{run}: {record.get('status')} ({record.get('outcome')})", file=sys.stderr, flush=True)
+        returns.append(JobReturn(overrides=overrides, working_dir=str(run_dir), task_name="resexp",
+                                 status=JobStatus.COMPLETED, _return_value=record))
+    return returns
+
+
+def read_json_object(path: Path) -> dict | None:
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def ended_without_record(job: Job, run: str, run_dir: Path) -> dict:
+    """A failed run's record for a job process that ended without reporting (killed, crashed)."""
+    code = job.process.returncode
+    how = f"signal {signal_name(-code)}" if code < 0 else f"exit code {code}"
+    message = f"its process ended with {how} before reporting a result; see {job.log}"
+    result = read_json_object(run_dir / "result.json") or {}
+    record = {**result, "run_name": run, "error": message}
+    if result.get("status") == "running":  # it died while training: say so where resexp status looks
+        record["status"] = "failed"
+        atomic_write_json(run_dir / "result.json", record)
+    record.setdefault("status", "failed")
+    return {**record, "outcome": "failed"}
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+class StopRequests:
+    """Count SIGINT/SIGTERM instead of stopping: the scheduler passes each on to its jobs."""
+
+    def __init__(self):
+        self.count = 0
+        self.first: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        self.first = self.first or signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def pass_on_stops(running: list[Job], count: int) -> None:
+    """Send each running job as many SIGINTs as the scheduler got (a job started since gets them too)."""
+    for job in running:
+        if job.stops_sent < count and job.process.poll() is None:
+            names = " + ".join(job.runs)
+            print(f"{names}: saving a checkpoint and stopping" if count == 1 else f"{names}: stopping now",
+                  file=sys.stderr, flush=True)
+            while job.stops_sent < count:
+                job.process.send_signal(signal.SIGINT)
+                job.stops_sent += 1
+
+
+def stop_now(running: list[Job]) -> None:
+    """Ask the jobs still running to save a checkpoint and stop (SIGTERM); wait a while, then kill them."""
+    for job in running:
+        job.process.terminate()
+    for job in running:
+        try:
+            job.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            job.process.kill()
+            job.process.wait()
+
+
+# --- one job, in its own process ----------------------------------------------------------------
+
+def stop_with_scheduler(scheduler_pid: int) -> None:
+    """Have Linux send this process SIGTERM when the scheduler dies (kill -9, a closed terminal).
+
+    The run then saves a checkpoint and stops, instead of training on unwatched while the
+    same sweep, started again, trains it a second time.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != scheduler_pid:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m resexp.slots",
+                                     description="Train one job of a sweep (started by resexp sweep gpus=...).")
+    parser.add_argument("--record", type=Path, required=True, help="where to write the runs' records (JSON)")
+    parser.add_argument("--scheduler-pid", type=int, help="stop, saving a checkpoint, when this process ends")
+    parser.add_argument("spec", type=Path, help="JSON list of the runs to train together: run_dir, overrides")
+    args = parser.parse_args(argv)
+    if args.scheduler_pid:
+        stop_with_scheduler(args.scheduler_pid)
+
+    from .config import compose
+    from .sweep import run_jobs
+    from .train import RunInterrupted
+
+    runs = read_json(args.spec)
+    try:
+        configs = [compose(run["overrides"]) for run in runs]
+        records = run_jobs(configs, [Path(run["run_dir"]) for run in runs])
+    except UsageError as error:  # the sweep checked the config before it started: rare
+        print(f"resexp: error: {error}", file=sys.stderr)
+        return 2
+    except RunInterrupted as interrupt:
+        print(f"{' + '.join(Path(run['run_dir']).name for run in runs)}: interrupted at a checkpoint", file=sys.stderr)
+        return interrupt.exit_code
+    atomic_write_json(args.record, records)
+    return 1 if any(record.get("outcome") == "failed" for record in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
