@@ -175,12 +175,16 @@ def _layout(p: torch.Tensor) -> torch.memory_format:
 def fused_step(fused: FusedModels):
     """The lockstep training step for ``train_runs``: every run's own lr and batch, one update."""
 
+    lr_tensors: dict[tuple, torch.Tensor] = {}  # made once per set of rates: a host-to-device copy waits
+
     def step(runs: list[Run]) -> None:
         lrs = [run.learning_rate() for run in runs]
         batches = [run.batches.batch(run.iteration) for run in runs]
         x = torch.stack([images for images, _ in batches])
         y = torch.stack([labels for _, labels in batches])
-        losses, wrong = fused.step(x, y, torch.tensor(lrs, dtype=x.dtype, device=x.device))
+        if tuple(lrs) not in lr_tensors:
+            lr_tensors[tuple(lrs)] = torch.tensor(lrs, dtype=x.dtype, device=x.device)
+        losses, wrong = fused.step(x, y, lr_tensors[tuple(lrs)])
         for index, run in enumerate(runs):
             run.record_step(losses[index], wrong[index], y.shape[1], lrs[index])
 

@@ -596,6 +596,7 @@ class Run:
         self.train_time_s = 0.0    # time spent in training steps (not evaluation), all sessions
         self.best_test_error = math.inf
         self.outcome = "trained"
+        self.image_counts: dict[int, torch.Tensor] = {}  # batch size -> the same number on the device
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
@@ -647,7 +648,10 @@ class Run:
         so that happens only at evaluations and warm-up checks."""
         self.iteration += 1
         self.lr = lr
-        seen = torch.tensor(float(images), dtype=torch.float64, device=self.device)
+        # Made once: a tensor from a Python number is a host-to-device copy, which would wait every step.
+        if images not in self.image_counts:
+            self.image_counts[images] = torch.tensor(float(images), dtype=torch.float64, device=self.device)
+        seen = self.image_counts[images]
         self.step_stats += torch.stack([loss.double() * images, wrong.double(), seen])
         if self.warmup_done_at is None:
             self.warmup_stats += torch.stack([wrong.double(), seen])
