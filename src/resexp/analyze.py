@@ -259,6 +259,7 @@ def analyze_responses(folder: str | os.PathLike, max_images: int | None = None) 
             axes[1, column].set_xlabel("layer index (sorted by magnitude)")
             for ax in axes[:, column]:
                 ax.set_xlim(left=0)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 if entries:
                     ax.legend(loc="best", framealpha=0.9)
         largest = max((max(e["std"]) for e in measured if e["std"]), default=1.0)
@@ -602,6 +603,7 @@ def draw_gradients_by_layer(measured: list[dict], path: Path) -> str:
                 ax.set_yscale("log")
                 ax.set_title(run_title(entry))
                 ax.set_xlabel("layer (1 = input side)")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.legend(loc="best", framealpha=0.9)
         for ax in axes[:, 0]:
             ax.set_ylabel("gradient norm")
