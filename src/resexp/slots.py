@@ -230,7 +230,7 @@ def start_job(numbers: list[int], total: int, jobs: list[dict], sweep_dir: Path,
 
 def job_returns(job: Job, interrupted: bool) -> list:
     """The ended job's Hydra JobReturns, one per run, each holding run_job's record (or a failed run's)."""
-    from hydra.core.utils import JobReturn, JobStatus
+    from .sweep import job_return
 
     try:
         records = read_json(job.record_file)
@@ -246,8 +246,7 @@ def job_returns(job: Job, interrupted: bool) -> list:
                 print(f"{run}: failed: {record.get('error')}", file=sys.stderr, flush=True)
             else:
                 print(f"{run}: {record.get('status')} ({record.get('outcome')})", file=sys.stderr, flush=True)
-        returns.append(JobReturn(overrides=overrides, working_dir=str(run_dir), task_name="resexp",
-                                 status=JobStatus.COMPLETED, _return_value=record))
+        returns.append(job_return(overrides, run_dir, record))
     return returns
 
 

@@ -210,16 +210,20 @@ def run_fused_groups(planned: list[dict], sweep_dir: Path, configs: list[DictCon
 
     Returns one Hydra ``JobReturn`` per planned job, in order, as the launcher would.
     """
-    from hydra.core.utils import JobReturn, JobStatus
-
     results: list = [None] * len(planned)
     for group in groups:
         records = run_jobs([configs[n] for n in group], [sweep_dir / planned[n]["run"] for n in group], group)
         for number, record in zip(group, records):
-            results[number] = JobReturn(overrides=planned[number]["overrides"],
-                                        working_dir=str(sweep_dir / planned[number]["run"]), task_name="resexp",
-                                        status=JobStatus.COMPLETED, _return_value=record)
+            results[number] = job_return(planned[number]["overrides"], sweep_dir / planned[number]["run"], record)
     return results
+
+
+def job_return(overrides: list[str], run_dir: Path, record: dict | None):
+    """A job's outcome as Hydra's local launcher reports it (``finished_record`` reads these)."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    return JobReturn(overrides=overrides, working_dir=str(run_dir), task_name="resexp",
+                     status=JobStatus.COMPLETED, _return_value=record)
 
 
 def sweep_eta(sweep_dir: Path, job_number: int, total: int) -> str:

@@ -753,6 +753,7 @@ class Run:
         }
         record.update(extra)
         atomic_write_json(self.dir / RESULT, record)
+        self.last_result = record
         return record
 
 
@@ -779,7 +780,7 @@ def train_runs(runs: list[Run], step: Callable[[list[Run]], None], *, stop_after
                     before_records(runs)
                 for run in evaluating:
                     if not run.evaluate():
-                        results[id(run)] = {**read_json(run.dir / RESULT), "outcome": run.outcome}
+                        results[id(run)] = {**run.last_result, "outcome": run.outcome}
                         active.remove(run)  # a fused twin keeps its slot in the step, its records stop here
                 for run in checkpointing:
                     if run in active:
@@ -791,7 +792,7 @@ def train_runs(runs: list[Run], step: Callable[[list[Run]], None], *, stop_after
                         stop.hand_over()
                         raise RunInterrupted(stop.received)
                     for run in active:
-                        results[id(run)] = {**read_json(run.dir / RESULT), "outcome": "stopped"}
+                        results[id(run)] = {**run.last_result, "outcome": "stopped"}
                     active = []
     except torch.OutOfMemoryError as error:
         for run in runs:

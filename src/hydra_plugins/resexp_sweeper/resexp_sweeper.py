@@ -72,7 +72,7 @@ class ResexpSweeper(BasicSweeper):
                     print(f"stopped waiting; the SLURM jobs keep running (scancel {submitted[0].job_id.split('_')[0]} "
                           f"stops them); resexp status {sweep_dir} shows them", file=sys.stderr)
                 raise
-        elif OmegaConf.select(self.config, "sweep.gpus") is not None or self.config.sweep.fuse:
+        elif self.config.sweep.gpus is not None or self.config.sweep.fuse:
             results = self.run_here(planned, sweep_dir, config_dirs(loader))
         else:
             results = []
@@ -80,7 +80,6 @@ class ResexpSweeper(BasicSweeper):
                 results += self.launcher.launch(batch, initial_job_idx=len(results))
         resexp_sweep.write_sweep_record(sweep_dir, resexp_sweep.finished_record(sweep_dir, record, results))
         return [results]
-
 
     def run_here(self, planned: List[dict], sweep_dir: Path, extra_overrides: List[str]) -> list:
         """``gpus=...``: several jobs at once on this machine, each in its own process with one GPU
@@ -97,7 +96,6 @@ class ResexpSweeper(BasicSweeper):
             return slots.run_in_slots(planned, sweep_dir, list(self.config.sweep.gpus), self.config.sweep.runs_per_gpu,
                                       extra_overrides=extra_overrides, groups=groups)
         return resexp_sweep.run_fused_groups(planned, sweep_dir, configs, groups)
-
 
     def job_config(self, overrides: List[str]):
         """A job's config as Hydra's launcher hands it to the job: composed, without the hydra node."""
