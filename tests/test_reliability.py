@@ -14,7 +14,8 @@ import torch
 import resexp.train as train_module
 from resexp import config as config_module
 from resexp.errors import UsageError
-from resexp.train import CHECKPOINT, RunInterrupted, train
+from resexp.signals import RunInterrupted
+from resexp.train import CHECKPOINT, train
 
 SMOKE = ["data=synthetic", "schedule=smoke", "progress=false", "arch=plain", "depth=8",
          "schedule.iterations=12", "schedule.milestones=[6,9]"]

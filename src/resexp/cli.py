@@ -80,7 +80,8 @@ def run_hydra_app(app, args: list[str]) -> None:
 
 @hydra.main(config_path="pkg://resexp.conf", config_name="config", version_base="1.3")
 def train_app(cfg: DictConfig) -> None:
-    from .train import RunInterrupted, train
+    from .signals import RunInterrupted
+    from .train import train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -155,7 +156,7 @@ def register_sweeper() -> None:
 def sweep_command(args: list[str]) -> int:
     from . import sweep as sweep_module
     from .slots import split_slot_options
-    from .train import RunInterrupted
+    from .signals import RunInterrupted
 
     flags, overrides = split_flags(args)
     # gpus=0,1 reads as a Hydra sweep: it becomes fixed sweep.gpus=[...] before anything parses the overrides.

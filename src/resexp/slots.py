@@ -160,7 +160,7 @@ def run_in_slots(planned: list[dict], sweep_dir: Path, gpus: list[int], runs_per
     ``resexp.sweep.finished_record`` reads them as it reads the local launcher's. After SIGINT
     or SIGTERM, raises RunInterrupted once every running job has ended.
     """
-    from .train import RunInterrupted
+    from .signals import RunInterrupted
 
     # One entry per free slot; this order puts the first runs on different GPUs.
     free_gpus = [gpu for _ in range(runs_per_gpu) for gpu in gpus]
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import compose
     from .sweep import run_jobs
-    from .train import RunInterrupted
+    from .signals import RunInterrupted
 
     runs = read_json(args.spec)
     try:

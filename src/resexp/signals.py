@@ -1,0 +1,65 @@
+"""Stopping a run cleanly on a signal: finish the step, save a checkpoint, then stop (or requeue).
+
+SIGINT (Ctrl-C) and SIGTERM (``kill``, ``scancel``) ask a run to stop at its next step
+boundary; SIGUSR2 is the warning a SLURM job gets before its time limit or on preemption
+(submitit's ``--signal=USR2@...``), after which the job is requeued.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+
+class RunInterrupted(BaseException):
+    """SIGINT/SIGTERM arrived; the run saved a checkpoint and can be resumed.
+
+    A BaseException, like KeyboardInterrupt, so that it stops a whole sweep rather than
+    being recorded as one failed job.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """SIGINT/SIGTERM/SIGUSR2 set a flag the loop checks after each step; a second signal stops at once.
+
+    SIGUSR2 is the warning a SLURM job gets before its time limit or on preemption (submitit's
+    ``--signal=USR2@...``). In a submitit job, submitit's own SIGUSR2 handler requeues the job:
+    ``hand_over`` calls it once the checkpoint is saved.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading_is_main():
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(press Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def hand_over(self) -> None:
+        """Give SIGUSR2 to the handler it displaced, if any (submitit's: requeue the job and exit)."""
+        previous = self._previous.get(self.received)
+        if self.received == signal.SIGUSR2 and callable(previous):
+            previous(self.received, None)
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def threading_is_main() -> bool:
+    return threading.current_thread() is threading.main_thread()
