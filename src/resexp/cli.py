@@ -95,6 +95,13 @@ def train_app(cfg: DictConfig) -> None:
     print_result(result, run_dir)
 
 
+def check_device(device: str) -> None:
+    """Stop before anything trains when the device cannot be had (a GPU torch cannot use, say)."""
+    from .train import resolve_device
+
+    resolve_device(device)
+
+
 def remove_if_unused(run_dir: Path) -> None:
     """A run refused before it started leaves no folder behind (Hydra makes it, with .hydra/)."""
     import shutil
@@ -131,6 +138,7 @@ def train_command(args: list[str]) -> int:
                                  f"resexp sweep runs one per value")
         cfg = config_module.compose(overrides + extra_search_path(flags))
         config_module.check(cfg)
+        check_device(cfg.device)
     run_hydra_app(train_app, args)
     return 0
 
@@ -175,6 +183,7 @@ def sweep_command(args: list[str]) -> int:
     named = [o for o in sweep_module.parse_overrides(overrides) if o.get_key_element() == "name"]
     name = named[0].get_value_element_as_str() if named else sweep_module.sweep_name(overrides)
     sweep_dir = Path(base.out) / name
+    check_device(base.device)
 
     exit_code = 0
     register_sweeper()

@@ -214,11 +214,6 @@ def problems(cfg: DictConfig) -> list[str]:
     runs_per_gpu = OmegaConf.select(cfg, "sweep.runs_per_gpu", default=1)
     need(_is_int(runs_per_gpu) and runs_per_gpu > 0, "sweep.runs_per_gpu", "a positive integer")
     launcher = OmegaConf.select(cfg, "launcher.name", default="local")
-    fuse = OmegaConf.select(cfg, "sweep.fuse", default=False)
-    need(isinstance(fuse, bool), "sweep.fuse", "true or false (fuse=true on the resexp sweep command line)")
-    if fuse is True and launcher != "local":
-        found.append(f"fuse=true trains several runs in one process on this machine, but launcher={launcher} "
-                     "starts each run as a job of its own; drop fuse or use launcher=local")
     if gpus is not None and launcher != "local":
         found.append(f"gpus={','.join(map(str, gpus))} runs several jobs at once on this machine, but "
                      f"launcher={launcher} starts each job itself (one GPU per job); drop gpus or use launcher=local")

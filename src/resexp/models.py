@@ -141,12 +141,6 @@ class Block(nn.Module):
         # Skipping the multiplication at 1.0 keeps the paper's nets bit-for-bit as they were.
         return branch if self.residual_scale == 1.0 else branch * self.residual_scale
 
-    def _gated(self, shortcut: torch.Tensor) -> torch.Tensor:
-        # Fused training (resexp.fused) trains a plain net as its residual twin with a
-        # ``shortcut_gate`` buffer of 0 (the ResNet's is 1); ordinary nets have no gate.
-        gate = self._buffers.get("shortcut_gate")
-        return shortcut if gate is None else shortcut * gate
-
 
 class BasicBlock(Block):
     """conv-BN-ReLU-conv-BN, plus the shortcut if there is one, then ReLU.
@@ -169,7 +163,7 @@ class BasicBlock(Block):
         branch = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         if self.shortcut is None:
             return branch, None
-        return self._scaled(branch), self._gated(self.shortcut(x))
+        return self._scaled(branch), self.shortcut(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branch, shortcut = self.parts(x)
@@ -207,7 +201,7 @@ class PreActBlock(Block):
         branch = self.conv2(F.relu(self.bn2(self.conv1(activated))))
         if self.shortcut is None:
             return branch, None
-        return self._scaled(branch), self._gated(self.shortcut(activated if self.shortcut_takes_activation else x))
+        return self._scaled(branch), self.shortcut(activated if self.shortcut_takes_activation else x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branch, shortcut = self.parts(x)
@@ -267,7 +261,7 @@ class DenseBlock(Block):
             branch = self.bn2(self.fc2(F.relu(self.bn1(self.fc1(x)))))
         if self.shortcut is None:
             return branch, None
-        return self._scaled(branch), self._gated(self.shortcut(activated if self.shortcut_takes_activation else x))
+        return self._scaled(branch), self.shortcut(activated if self.shortcut_takes_activation else x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branch, shortcut = self.parts(x)

@@ -33,7 +33,7 @@ from pathlib import Path
 from .errors import UsageError
 from .files import atomic_write_json, read_json
 
-SLOT_OPTIONS = ("gpus", "runs_per_gpu", "fuse")  # words of `resexp sweep` about how its runs are executed
+SLOT_OPTIONS = ("gpus", "runs_per_gpu")  # words of `resexp sweep` about how its runs are executed
 LOG = "slot.log"
 POLL_S = 0.2  # how often the scheduler looks for ended jobs and signals to pass on
 
@@ -41,11 +41,11 @@ POLL_S = 0.2  # how often the scheduler looks for ended jobs and signals to pass
 # --- the command-line words ---------------------------------------------------------------------
 
 def split_slot_options(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """Take ``gpus=...``, ``runs_per_gpu=...`` and ``fuse=...`` out of the overrides.
+    """Take ``gpus=...`` and ``runs_per_gpu=...`` out of the overrides.
 
     ``gpus=0,1`` reads as a Hydra sweep over a key that does not exist, so these words leave
     before Hydra sees the overrides. Returns the other overrides and, in place of the words,
-    fixed ``sweep.gpus=[...]``, ``sweep.runs_per_gpu=N`` and ``sweep.fuse=...`` overrides.
+    fixed ``sweep.gpus=[...]`` and ``sweep.runs_per_gpu=N`` overrides.
     """
     given: dict[str, str] = {}
     others = []
@@ -57,14 +57,8 @@ def split_slot_options(overrides: list[str]) -> tuple[list[str], list[str]]:
             raise UsageError(f"{key} is given twice ({key}={given[key]} and {override}); give it once")
         else:
             given[key] = value.strip()
-    fused = []
-    if "fuse" in given:
-        fuse = given.pop("fuse").lower()
-        if fuse not in ("true", "false"):
-            raise UsageError(f"fuse must be true or false (train runs of the same layer shapes together); got {fuse!r}")
-        fused = [f"sweep.fuse={fuse}"]
     if not given:
-        return others, fused
+        return others, []
     if "gpus" not in given:
         raise UsageError(f"runs_per_gpu={given['runs_per_gpu']} needs gpus=... (the GPUs to share), "
                          f"e.g. gpus=0 runs_per_gpu={given['runs_per_gpu']}")
@@ -73,7 +67,7 @@ def split_slot_options(overrides: list[str]) -> tuple[list[str], list[str]]:
     if not (_is_number_word(runs_per_gpu) and int(runs_per_gpu) > 0):
         raise UsageError(f"runs_per_gpu must be a positive integer (how many runs share each GPU at once); "
                          f"got {runs_per_gpu!r}")
-    return others, [f"sweep.gpus=[{','.join(map(str, gpus))}]", f"sweep.runs_per_gpu={int(runs_per_gpu)}", *fused]
+    return others, [f"sweep.gpus=[{','.join(map(str, gpus))}]", f"sweep.runs_per_gpu={int(runs_per_gpu)}"]
 
 
 def parse_gpus(text: str) -> list[int]:
@@ -135,29 +129,27 @@ def check_gpus_exist(gpus: list[int]) -> None:
 
 @dataclass
 class Job:
-    """A sweep job running in a slot: one run, or the runs of a fused group (``fuse=true``)."""
-    numbers: list[int]     # positions in the sweep, from 0
-    runs: list[str]        # their run folders' names
-    run_dirs: list[Path]
-    overrides: list[list[str]]
+    """A sweep job running in a slot: one run in a process of its own."""
+    number: int            # position in the sweep, from 0
+    run: str               # the run folder's name
+    run_dir: Path
+    overrides: list[str]
     gpu: int
     process: subprocess.Popen
-    record_file: Path      # where the job process writes run_jobs' records
+    record_file: Path      # where the job process writes run_job's record
     stops_sent: int = 0    # SIGINTs passed on to it
 
     @property
     def log(self) -> Path:
-        return self.run_dirs[0] / LOG  # a fused group's process writes into its first run's folder
+        return self.run_dir / LOG
 
 
 def run_in_slots(planned: list[dict], sweep_dir: Path, gpus: list[int], runs_per_gpu: int,
-                 extra_overrides: list[str] = (), groups: list[list[int]] | None = None) -> list:
+                 extra_overrides: list[str] = ()) -> list:
     """Train the planned jobs, up to ``len(gpus) x runs_per_gpu`` at once.
 
-    ``groups`` (indices into ``planned``) are trained together in one process each, fused
-    (``resexp.fused``); by default every job is a group of its own. Returns one Hydra
-    ``JobReturn`` per job, in the planned order, holding run_job's record, so that
-    ``resexp.sweep.finished_record`` reads them as it reads the local launcher's. After SIGINT
+    Returns one Hydra ``JobReturn`` per job, in the planned order, holding run_job's record, so
+    that ``resexp.sweep.finished_record`` reads them as it reads the local launcher's. After SIGINT
     or SIGTERM, raises RunInterrupted once every running job has ended.
     """
     from .signals import RunInterrupted
@@ -165,23 +157,22 @@ def run_in_slots(planned: list[dict], sweep_dir: Path, gpus: list[int], runs_per
     # One entry per free slot; this order puts the first runs on different GPUs.
     free_gpus = [gpu for _ in range(runs_per_gpu) for gpu in gpus]
     threads = threads_per_job(len(free_gpus))
-    waiting = list(groups) if groups is not None else [[number] for number in range(len(planned))]
+    waiting = list(range(len(planned)))
     running: list[Job] = []
     results: list = [None] * len(planned)
     with tempfile.TemporaryDirectory(prefix="resexp-slots-") as scratch, StopRequests() as stops:
         try:
             while running or (waiting and not stops.count):
                 while waiting and free_gpus and not stops.count:
-                    numbers = waiting.pop(0)
-                    running.append(start_job(numbers, len(planned), [planned[n] for n in numbers], Path(sweep_dir),
+                    number = waiting.pop(0)
+                    running.append(start_job(number, len(planned), planned[number], Path(sweep_dir),
                                              free_gpus.pop(0), threads, Path(scratch), list(extra_overrides)))
                 time.sleep(POLL_S)
                 pass_on_stops(running, stops.count)
                 for job in [job for job in running if job.process.poll() is not None]:
                     running.remove(job)
                     free_gpus.append(job.gpu)
-                    for number, job_result in zip(job.numbers, job_returns(job, interrupted=bool(stops.count))):
-                        results[number] = job_result
+                    results[job.number] = job_return_of(job, interrupted=bool(stops.count))
         finally:
             stop_now(running)  # only left running when the scheduler itself failed
     if stops.count:
@@ -191,63 +182,58 @@ def run_in_slots(planned: list[dict], sweep_dir: Path, gpus: list[int], runs_per
 
 def threads_per_job(slots: int) -> int:
     """CPU threads for each job: this process's cores shared out, never more than OMP_NUM_THREADS asks."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // slots)
+    from .train import usable_cores
+
+    threads = max(1, usable_cores() // slots)
     asked = os.environ.get("OMP_NUM_THREADS", "").strip()
     if _is_number_word(asked) and int(asked) > 0:
         threads = min(threads, int(asked))
     return threads
 
 
-def start_job(numbers: list[int], total: int, jobs: list[dict], sweep_dir: Path, gpu: int, threads: int,
+def job_environment(gpu: int, threads: int) -> dict[str, str]:
+    """A job's environment: its GPU alone, and its share of the CPU cores for every thread pool,
+    Inductor's compile workers included (by default it starts one per core, in every job)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads), "TORCHINDUCTOR_COMPILE_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+
+
+def start_job(number: int, total: int, job: dict, sweep_dir: Path, gpu: int, threads: int,
               scratch: Path, extra_overrides: list[str]) -> Job:
-    run_dirs = [sweep_dir / job["run"] for job in jobs]
-    for run_dir in run_dirs:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    record_file = scratch / f"job-{numbers[0]}.json"
-    overrides = [[*job["overrides"], *extra_overrides] for job in jobs]
-    spec_file = scratch / f"job-{numbers[0]}-spec.json"
-    atomic_write_json(spec_file, [{"run_dir": str(run_dir), "overrides": job_overrides}
-                                  for run_dir, job_overrides in zip(run_dirs, overrides)])
+    run_dir = sweep_dir / job["run"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record_file = scratch / f"job-{number}.json"
+    overrides = [*job["overrides"], *extra_overrides]
+    spec_file = scratch / f"job-{number}-spec.json"
+    atomic_write_json(spec_file, {"run_dir": str(run_dir), "overrides": overrides})
     command = [sys.executable, "-m", "resexp.slots", "--record", str(record_file),
                "--scheduler-pid", str(os.getpid()), str(spec_file)]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    names = " + ".join(job["run"] for job in jobs) + (" (fused)" if len(jobs) > 1 else "")
-    log_path = run_dirs[0] / LOG
-    label = "/".join(str(number + 1) for number in numbers)
-    print(f"[sweep {label}/{total}] {names} on GPU {gpu} (output: {log_path})", file=sys.stderr, flush=True)
+    log_path = run_dir / LOG
+    print(f"[sweep {number + 1}/{total}] {job['run']} on GPU {gpu} (output: {log_path})", file=sys.stderr, flush=True)
     # Appended to, so that the output of an earlier attempt (a failure, say) stays readable.
     with open(log_path, "a") as log:
-        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {names}: CUDA_VISIBLE_DEVICES={gpu}, "
+        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {job['run']}: CUDA_VISIBLE_DEVICES={gpu}, "
                   f"{threads} CPU thread(s)\n")
         log.flush()
         # A session of its own: a Ctrl-C in the terminal reaches the scheduler alone, which passes it on once.
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
-    return Job(numbers, [job["run"] for job in jobs], run_dirs, overrides, gpu, process, record_file)
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=job_environment(gpu, threads), start_new_session=True)
+    return Job(number, job["run"], run_dir, overrides, gpu, process, record_file)
 
 
-def job_returns(job: Job, interrupted: bool) -> list:
-    """The ended job's Hydra JobReturns, one per run, each holding run_job's record (or a failed run's)."""
+def job_return_of(job: Job, interrupted: bool):
+    """The ended job's Hydra JobReturn, holding run_job's record (or a failed run's)."""
     from .sweep import job_return
 
-    try:
-        records = read_json(job.record_file)
-    except (OSError, ValueError):
-        records = None
-    if not isinstance(records, list) or len(records) != len(job.runs):
-        records = [None if interrupted else ended_without_record(job, run, run_dir)
-                   for run, run_dir in zip(job.runs, job.run_dirs)]
-    returns = []
-    for run, run_dir, overrides, record in zip(job.runs, job.run_dirs, job.overrides, records):
-        if record is not None:
-            if record.get("outcome") == "failed":
-                print(f"{run}: failed: {record.get('error')}", file=sys.stderr, flush=True)
-            else:
-                print(f"{run}: {record.get('status')} ({record.get('outcome')})", file=sys.stderr, flush=True)
-        returns.append(job_return(overrides, run_dir, record))
-    return returns
+    record = read_json_object(job.record_file)
+    if record is None and not interrupted:
+        record = ended_without_record(job)
+    if record is not None:
+        if record.get("outcome") == "failed":
+            print(f"{job.run}: failed: {record.get('error')}", file=sys.stderr, flush=True)
+        else:
+            print(f"{job.run}: {record.get('status')} ({record.get('outcome')})", file=sys.stderr, flush=True)
+    return job_return(job.overrides, job.run_dir, record)
 
 
 def read_json_object(path: Path) -> dict | None:
@@ -258,16 +244,16 @@ def read_json_object(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def ended_without_record(job: Job, run: str, run_dir: Path) -> dict:
+def ended_without_record(job: Job) -> dict:
     """A failed run's record for a job process that ended without reporting (killed, crashed)."""
     code = job.process.returncode
     how = f"signal {signal_name(-code)}" if code < 0 else f"exit code {code}"
     message = f"its process ended with {how} before reporting a result; see {job.log}"
-    result = read_json_object(run_dir / "result.json") or {}
-    record = {**result, "run_name": run, "error": message}
+    result = read_json_object(job.run_dir / "result.json") or {}
+    record = {**result, "run_name": job.run, "error": message}
     if result.get("status") == "running":  # it died while training: say so where resexp status looks
         record["status"] = "failed"
-        atomic_write_json(run_dir / "result.json", record)
+        atomic_write_json(job.run_dir / "result.json", record)
     record.setdefault("status", "failed")
     return {**record, "outcome": "failed"}
 
@@ -307,8 +293,7 @@ def pass_on_stops(running: list[Job], count: int) -> None:
     """Send each running job as many SIGINTs as the scheduler got (a job started since gets them too)."""
     for job in running:
         if job.stops_sent < count and job.process.poll() is None:
-            names = " + ".join(job.runs)
-            print(f"{names}: saving a checkpoint and stopping" if count == 1 else f"{names}: stopping now",
+            print(f"{job.run}: saving a checkpoint and stopping" if count == 1 else f"{job.run}: stopping now",
                   file=sys.stderr, flush=True)
             while job.stops_sent < count:
                 job.process.send_signal(signal.SIGINT)
@@ -351,29 +336,29 @@ def stop_with_scheduler(scheduler_pid: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resexp.slots",
                                      description="Train one job of a sweep (started by resexp sweep gpus=...).")
-    parser.add_argument("--record", type=Path, required=True, help="where to write the runs' records (JSON)")
+    parser.add_argument("--record", type=Path, required=True, help="where to write the run's record (JSON)")
     parser.add_argument("--scheduler-pid", type=int, help="stop, saving a checkpoint, when this process ends")
-    parser.add_argument("spec", type=Path, help="JSON list of the runs to train together: run_dir, overrides")
+    parser.add_argument("spec", type=Path, help="JSON object of the run to train: run_dir, overrides")
     args = parser.parse_args(argv)
     if args.scheduler_pid:
         stop_with_scheduler(args.scheduler_pid)
 
     from .config import compose
-    from .sweep import run_jobs
     from .signals import RunInterrupted
+    from .sweep import run_job
 
-    runs = read_json(args.spec)
+    job = read_json(args.spec)
+    run_dir = Path(job["run_dir"])
     try:
-        configs = [compose(run["overrides"]) for run in runs]
-        records = run_jobs(configs, [Path(run["run_dir"]) for run in runs])
+        record = run_job(compose(job["overrides"]), run_dir)
     except UsageError as error:  # the sweep checked the config before it started: rare
         print(f"resexp: error: {error}", file=sys.stderr)
         return 2
     except RunInterrupted as interrupt:
-        print(f"{' + '.join(Path(run['run_dir']).name for run in runs)}: interrupted at a checkpoint", file=sys.stderr)
+        print(f"{run_dir.name}: interrupted at a checkpoint", file=sys.stderr)
         return interrupt.exit_code
-    atomic_write_json(args.record, records)
-    return 1 if any(record.get("outcome") == "failed" for record in records) else 0
+    atomic_write_json(args.record, record)
+    return 1 if record.get("outcome") == "failed" else 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from . import config as config_module
 from .errors import UsageError
@@ -29,7 +29,6 @@ from .files import atomic_write_json, read_json
 from .status import _percent, format_duration
 
 SWEEP_RECORD = "sweep.json"
-BASE_KEYS = ("arch", "depth", "seed")
 
 
 # --- planning -----------------------------------------------------------------------------------
@@ -155,67 +154,35 @@ def read_sweep_record(sweep_dir: Path) -> dict | None:
 
 # --- one job ------------------------------------------------------------------------------------
 
-def run_job(cfg: DictConfig, run_dir: str, job_number: int | None = None) -> dict:
-    """Train one run of a sweep; record, rather than raise, anything that goes wrong with it."""
-    return run_jobs([cfg], [run_dir], None if job_number is None else [job_number])[0]
+def run_job(cfg: DictConfig, run_dir, job_number: int | None = None) -> dict:
+    """Train one run of a sweep; record, rather than raise, anything that goes wrong with it.
 
-
-def run_jobs(configs: list[DictConfig], run_dirs: list, job_numbers: list[int] | None = None) -> list[dict]:
-    """Train runs of a sweep: one alone, several fused (``resexp.fused``, for ``fuse=true``).
-
-    Anything that goes wrong is recorded in each run's result.json (and error.txt for a crash)
-    rather than raised, so that one failing job never stops the sweep.
+    Anything that goes wrong is recorded in the run's result.json (and error.txt for a crash),
+    so that one failing job never stops the sweep.
     """
     from .train import RESULT, train
 
-    run_dirs = [Path(run_dir) for run_dir in run_dirs]
-    total = configs[0].sweep.size
-    if job_numbers is not None and total:
-        label = "/".join(str(number + 1) for number in job_numbers)
-        names = " + ".join(run_dir.name for run_dir in run_dirs) + (" (fused)" if len(run_dirs) > 1 else "")
-        print(f"[sweep {label}/{total}] {names}{sweep_eta(run_dirs[0].parent, job_numbers[0], total)}",
+    run_dir = Path(run_dir)
+    total = cfg.sweep.size
+    if job_number is not None and total:
+        print(f"[sweep {job_number + 1}/{total}] {run_dir.name}{sweep_eta(run_dir.parent, job_number, total)}",
               file=sys.stderr, flush=True)
-    crash = None
     try:
-        if len(configs) == 1:
-            return [train(configs[0], run_dirs[0])]
-        from .fused import train_fused
-
-        return train_fused(configs, run_dirs)
+        return train(cfg, run_dir)
     except UsageError as error:
         message = str(error)
-    except Exception as error:  # any other crash: keep the traceback beside the runs, go on with the sweep
+    except Exception as error:  # any other crash: keep the traceback beside the run, go on with the sweep
         message = f"{type(error).__name__}: {error}"
-        crash = traceback.format_exc()
-    records = []
-    for cfg, run_dir in zip(configs, run_dirs):
-        if crash is not None:
-            (run_dir / "error.txt").write_text(crash)
-        print(f"{run_dir.name}: failed: {message}", file=sys.stderr, flush=True)
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+    print(f"{run_dir.name}: failed: {message}", file=sys.stderr, flush=True)
+    try:
+        previous = read_json(run_dir / RESULT)
+    except (OSError, ValueError):
         previous = {}
-        try:
-            previous = read_json(run_dir / RESULT)
-        except (OSError, ValueError):
-            pass
-        record = {**previous, "status": "failed", "run_name": run_dir.name, "arch": cfg.arch, "depth": cfg.depth,
-                  "seed": cfg.seed, "error": message}
-        atomic_write_json(run_dir / RESULT, record)
-        records.append({**record, "outcome": "failed"})
-    return records
-
-
-def run_fused_groups(planned: list[dict], sweep_dir: Path, configs: list[DictConfig],
-                     groups: list[list[int]]) -> list:
-    """``fuse=true`` with the local launcher: each group of compatible runs trained together, here.
-
-    Returns one Hydra ``JobReturn`` per planned job, in order, as the launcher would.
-    """
-    results: list = [None] * len(planned)
-    for group in groups:
-        records = run_jobs([configs[n] for n in group], [sweep_dir / planned[n]["run"] for n in group], group)
-        for number, record in zip(group, records):
-            results[number] = job_return(planned[number]["overrides"], sweep_dir / planned[number]["run"], record)
-    return results
+    record = {**previous, "status": "failed", "run_name": run_dir.name, "arch": cfg.arch, "depth": cfg.depth,
+              "seed": cfg.seed, "error": message}
+    atomic_write_json(run_dir / RESULT, record)
+    return {**record, "outcome": "failed"}
 
 
 def job_return(overrides: list[str], run_dir: Path, record: dict | None):
@@ -276,7 +243,3 @@ def finished_record(sweep_dir: Path, record: dict, results: list) -> dict:
         runs.append({**job, "outcome": outcome,
                      "result": {k: v for k, v in (result or {}).items() if k != "outcome"} or None})
     return {**record, "runs": runs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def planned_config(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=False)

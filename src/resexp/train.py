@@ -1,12 +1,17 @@
 """One training run, as He et al. 2015 (section 4.2) trained their CIFAR-10 nets.
 
-The loop reads top to bottom: set the learning rate for this iteration, take a
-batch, one SGD step; every ``eval_every`` iterations measure the training error
-of the interval and the test error, append a line to ``metrics.jsonl``; every
-``checkpoint_every`` iterations save everything a resume needs. Batches depend
-only on (seed, iteration) and the checkpoint holds the model, optimizer, scaler,
-RNG states and step statistics, so a resumed run continues exactly where the
-interrupted one stopped.
+``train`` reads top to bottom: look at what the run folder already holds (finished?
+a checkpoint to resume?), set up the device, data, model and optimizer, restore the
+checkpoint, then one loop. Each iteration: the learning rate (a pure function of the
+iteration), the iteration's batch, one SGD step; then the warm-up check, every
+``eval_every`` iterations an evaluation (training error of the interval, test error)
+appended to ``metrics.jsonl``, every ``checkpoint_every`` iterations a checkpoint, and
+the check for a stop signal. Batches depend only on (seed, iteration) and the checkpoint
+(one dict) holds the model, optimizer, scaler, RNG state and step statistics, so a
+resumed run continues exactly where the interrupted one stopped.
+
+On CUDA the step is one CUDA-graph replay of a compiled forward/backward/update
+(``GraphedTrainStep``); elsewhere, or if capture or compiling fails, an eager step.
 
 A run folder holds:
     config.yaml     the resolved config
@@ -19,15 +24,16 @@ A run folder holds:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as config_module
 from .data import TrainBatches, load_data, normalize, pixel_mean
 from .errors import UsageError
-from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl,
-                    write_jsonl)
+from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl, write_jsonl
 from .models import build_model, count_parameters, gradient_norms
 from .signals import RunInterrupted, StopSignals
 
@@ -66,7 +71,48 @@ def warmup_applies(depth: int, min_depth: int | None) -> bool:
 
 # --- devices and precision ----------------------------------------------------------------------
 
+# Where Linux's NVIDIA driver says it is loaded, and which version it is.
+NVIDIA_DRIVER_VERSION_FILE = Path("/proc/driver/nvidia/version")
+# What to tell a user whose torch cannot use their GPU (PyTorch publishes builds for older CUDA versions).
+TORCH_FOR_OLDER_CUDA = ("TORCH_SPEC='torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu126' "
+                        "bash scripts/install.sh (pick the cuXYZ your driver supports; README, Set-up)")
+
+
+def nvidia_driver_version() -> str | None:
+    """The loaded NVIDIA driver's version ("unknown" if unreadable), or None when no NVIDIA driver is loaded."""
+    try:
+        text = NVIDIA_DRIVER_VERSION_FILE.read_text()
+    except OSError:
+        return None
+    found = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
+    return found.group(1) if found else "unknown"
+
+
+def unusable_gpu_problem() -> str | None:
+    """Why torch cannot use the NVIDIA GPU this machine has, or None (no GPU, GPUs hidden on purpose,
+    or torch can use it). Without this check ``device=auto`` would quietly train on the CPU."""
+    if torch.cuda.is_available():
+        return None
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return None  # CUDA_VISIBLE_DEVICES= hides the GPUs: the CPU is what was asked for
+    driver = nvidia_driver_version()
+    if driver is None:
+        return None
+    if torch.version.cuda is None:
+        build = f"torch {torch.__version__} is a CPU-only build"
+    else:
+        build = (f"torch {torch.__version__} was built for CUDA {torch.version.cuda} and cannot use it "
+                 f"(a driver older than that CUDA version needs, or a GPU hidden from this process)")
+    return (f"an NVIDIA GPU is present (driver {driver}), but {build}; install a torch that matches the driver: "
+            f"{TORCH_FOR_OLDER_CUDA}; or train on the CPU with device=cpu")
+
+
 def resolve_device(name: str) -> torch.device:
+    """``auto``: cuda if torch can use a GPU, else the CPU, but never the CPU by accident when a GPU is there."""
+    if name in ("auto", "cuda"):
+        problem = unusable_gpu_problem()
+        if problem is not None:
+            raise UsageError(f"device={name}: {problem}")
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("device=cuda but no CUDA GPU is available here; use device=auto or device=cpu")
     if name == "auto":
@@ -84,10 +130,17 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
+    """Mixed precision for ``precision`` (nothing for fp32).
+
+    Autocast's cache of weight casts is off: a CUDA graph must not replay a cast cached outside
+    its capture (PyTorch's make_graphed_callables requires it off), and the flag is part of
+    torch.compile's guards, so every step, captured or not, must run with the same setting or
+    the net is compiled twice. Each weight is cast once per step, so the cache saved nothing.
+    """
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
 # On a CPU, compiling a CIFAR net takes one to two minutes (the first time a machine sees it; seconds
@@ -101,101 +154,6 @@ def resolve_compile(setting, device: torch.device, iterations: int | None = None
     if setting != "auto":
         return bool(setting)
     return device.type == "cuda" or (iterations is not None and iterations >= CPU_COMPILE_MIN_ITERATIONS)
-
-
-def configure_backend(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    else:
-        # An explicit OMP_NUM_THREADS wins (a sweep with gpus=... shares the cores out that way); otherwise
-        # use the cores this process may run on (a cluster job or taskset may allow fewer than exist).
-        threads = os.environ.get("OMP_NUM_THREADS", "").strip()
-        if threads.isdigit() and int(threads) > 0:
-            torch.set_num_threads(int(threads))
-        else:
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity")
-                                  else torch.get_num_threads())
-
-
-def make_optimizer(model, schedule, device: torch.device, lr: torch.Tensor | None = None) -> torch.optim.SGD:
-    """SGD with momentum and weight decay on every parameter, as the paper (and fb.resnet.torch) did.
-
-    With ``lr`` (from ``learning_rate_tensor``) in place of the float ``schedule.lr``, every update
-    reads the rate from that tensor: the loop sets it with ``lr.fill_(rate)``, which needs no
-    host-device sync, and a CUDA-graph step follows the schedule without being captured again.
-    Fused CUDA SGD reads the tensor on the GPU; the CPU implementation reads its value.
-    After ``optimizer.load_state_dict`` call ``reattach_lr``.
-    """
-    return torch.optim.SGD(model.parameters(), lr=schedule.lr if lr is None else lr, momentum=schedule.momentum,
-                           weight_decay=schedule.weight_decay,
-                           fused=True if device.type == "cuda" else None)  # one kernel for all parameters
-
-
-class TrainStep:
-    """One SGD step: forward, backward, update.
-
-    Returns the loss and the number of wrong predictions as device tensors, so the loop
-    never waits for the GPU. With ``compile_model`` the forward and backward pass run
-    through torch.compile; if compiling fails, the step warns once and runs eagerly.
-    """
-
-    def __init__(self, model, optimizer, scaler, amp, compile_model: bool = False):
-        self.model = model
-        self.optimizer = optimizer
-        self.scaler = scaler
-        self.amp = amp
-        self.forward = torch.compile(model) if compile_model else model
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            return self._step(x, y)
-        except Exception as error:
-            if self.forward is self.model:
-                raise
-            print(f"warning: torch.compile failed ({error_line(error)}); training without compiling", file=sys.stderr)
-            self.forward = self.model
-            return self._step(x, y)
-
-    def _step(self, x, y):
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.amp:
-            logits = self.forward(x)
-            loss = F.cross_entropy(logits.float(), y)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.detach(), (logits.detach().argmax(1) != y).sum()
-
-
-def error_line(error: BaseException) -> str:
-    """An exception as one short line, for a warning."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
-
-
-# --- the learning rate as a device tensor, and the CUDA-graph step -------------------------------
-
-def learning_rate_tensor(lr: float, device: torch.device) -> torch.Tensor:
-    """The learning rate as a 0-d float32 tensor on the training device, for ``make_optimizer``.
-
-    float32 on the parameters' device is what fused CUDA SGD reads in place.
-    """
-    return torch.tensor(float(lr), dtype=torch.float32, device=device)
-
-
-def reattach_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> None:
-    """Point every parameter group at the loop's learning-rate tensor again, after ``load_state_dict``.
-
-    Loading a checkpoint replaces each group's settings with the saved ones: the rate becomes the
-    saved float (older checkpoints) or a CPU copy of the saved tensor, which ``lr.fill_`` no longer
-    reaches and a CUDA graph cannot read. The fused/foreach choice is put back too: it belongs to
-    this device, not to the one that wrote the checkpoint.
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-        for key in ("fused", "foreach"):
-            if key in optimizer.defaults:
-                group[key] = optimizer.defaults[key]
 
 
 def resolve_cuda_graph(setting, device: torch.device, precision: str) -> bool:
@@ -213,6 +171,129 @@ def resolve_cuda_graph(setting, device: torch.device, precision: str) -> bool:
     if setting == "auto":
         return device.type == "cuda" and precision != "fp16"
     return bool(setting)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a cluster job or taskset may allow fewer than exist)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def configure_backend(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        torch.cuda.reset_peak_memory_stats(device)  # the run's own peak, for the out-of-memory message
+    else:
+        # An explicit OMP_NUM_THREADS wins (a sweep with gpus=... shares the cores out that way).
+        threads = os.environ.get("OMP_NUM_THREADS", "").strip()
+        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else usable_cores())
+
+
+def make_optimizer(model, schedule, device: torch.device, lr: torch.Tensor | None = None) -> torch.optim.SGD:
+    """SGD with momentum and weight decay on every parameter, as the paper (and fb.resnet.torch) did.
+
+    With ``lr`` (from ``learning_rate_tensor``) in place of the float ``schedule.lr``, every update
+    reads the rate from that tensor: the loop sets it with ``lr.fill_(rate)``, which needs no
+    host-device sync, and a CUDA-graph step follows the schedule without being captured again.
+    Fused CUDA SGD reads the tensor on the GPU; the CPU implementation reads its value.
+    After ``optimizer.load_state_dict`` call ``reattach_lr``.
+    """
+    return torch.optim.SGD(model.parameters(), lr=schedule.lr if lr is None else lr, momentum=schedule.momentum,
+                           weight_decay=schedule.weight_decay,
+                           fused=True if device.type == "cuda" else None)  # one kernel for all parameters
+
+
+def learning_rate_tensor(lr: float, device: torch.device) -> torch.Tensor:
+    """The learning rate as a 0-d float32 tensor on the training device, for ``make_optimizer``.
+
+    float32 on the parameters' device is what fused CUDA SGD reads in place.
+    """
+    return torch.tensor(float(lr), dtype=torch.float32, device=device)
+
+
+def reattach_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor) -> None:
+    """Point every parameter group at the loop's learning-rate tensor again, after ``load_state_dict``.
+
+    Loading a checkpoint replaces each group's settings with the saved ones: the rate becomes a
+    CPU copy of the saved tensor, which ``lr.fill_`` no longer reaches and a CUDA graph cannot
+    read. The fused/foreach choice is put back too: it belongs to this device, not to the one
+    that wrote the checkpoint.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        for key in ("fused", "foreach"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+
+
+# --- the training step --------------------------------------------------------------------------
+
+def caused_by_out_of_memory(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from, is running out of GPU memory.
+
+    torch.compile and graph capture wrap the errors raised inside them; an out-of-memory error
+    there is still out of memory, and must not be taken for a failed compile or capture.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, torch.OutOfMemoryError) or "CUDA out of memory" in str(error):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def error_line(error: BaseException) -> str:
+    """An exception as one short line, for a warning."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(model)``, without Inductor's warning on CPU-only machines."""
+    if not torch.cuda.is_available():
+        # Inductor's import looks for a CUDA toolkit and warns on every CPU run that it found none.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    return torch.compile(model)
+
+
+class TrainStep:
+    """One SGD step: forward, backward, update.
+
+    Returns the loss and the number of wrong predictions as device tensors, so the loop
+    never waits for the GPU. With ``compile_model`` the forward and backward pass run
+    through torch.compile; if compiling fails, the step warns once and runs eagerly.
+    Running out of memory is not a failed compile: it is raised as it is.
+    """
+
+    def __init__(self, model, optimizer, scaler, amp, compile: bool = False):
+        self.model = model
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.amp = amp
+        self.forward = compile_model(model) if compile else model
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return self._step(x, y)
+        except Exception as error:
+            if self.forward is self.model or caused_by_out_of_memory(error):
+                raise
+            print(f"warning: torch.compile failed ({error_line(error)}); training without compiling "
+                  "(compile=false skips it)", file=sys.stderr)
+            self.forward = self.model
+            return self._step(x, y)
+
+    def _step(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.amp:
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits.float(), y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), (logits.detach().argmax(1) != y).sum()
 
 
 class TrainingSnapshot:
@@ -270,18 +351,19 @@ class GraphedTrainStep:
 
     The graph is captured at the first call and keeps the addresses of the parameters, buffers,
     momentum buffers and learning-rate tensor it saw: load checkpoints (and ``reattach_lr``) before
-    that. With ``compile_model`` the graph holds torch.compile's kernels (compiled during warm-up).
-    fp16 runs take the eager step (GradScaler's overflow check syncs with the CPU); if capture
-    fails, the step warns once and runs eagerly.
+    that. With ``compile`` the graph holds torch.compile's kernels (compiled during warm-up, once:
+    warm-up and capture run under the same autocast settings). fp16 runs take the eager step
+    (GradScaler's overflow check syncs with the CPU). If capture fails, the step says so in one
+    line and runs eagerly; the process is left as before the capture (``capture``).
     """
 
     warmup_steps = 3  # as in PyTorch's recipe
 
-    def __init__(self, model, optimizer, scaler, amp, compile_model: bool = False):
-        self.eager = TrainStep(model, optimizer, scaler, amp, compile_model=compile_model)
+    def __init__(self, model, optimizer, scaler, amp, compile: bool = False):
+        self.eager = TrainStep(model, optimizer, scaler, amp, compile=compile)
         self.model = model
         self.optimizer = optimizer
-        self.amp = autocast_without_cache(amp)
+        self.amp = amp
         self.use_graph = not scaler.is_enabled()
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -319,12 +401,15 @@ class GraphedTrainStep:
                     self._static_step()
             torch.cuda.current_stream().wait_stream(side)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(graph, stream=side):  # warm-up and capture on one stream
-                self.static_loss, self.static_wrong = self._static_step()
+            with torch.cuda.stream(side):  # warm-up and capture on one stream, the current one put back after
+                self.static_loss, self.static_wrong = capture(graph, self._static_step, x.device)
         except Exception as error:
-            print(f"warning: CUDA graph capture failed ({error_line(error)}); training without it", file=sys.stderr)
             self.optimizer.zero_grad(set_to_none=True)  # gradients may live in the failed graph's memory
             self.static_x = self.static_y = None
+            if caused_by_out_of_memory(error):
+                raise
+            print(f"warning: CUDA graph capture failed ({error_line(error)}); training without it "
+                  "(cuda_graph=false skips the capture)", file=sys.stderr)
             return False
         finally:
             torch.cuda.current_stream().wait_stream(side)
@@ -342,6 +427,46 @@ class GraphedTrainStep:
         return loss.detach(), (logits.detach().argmax(1) != self.static_y).sum()
 
 
+def capture(graph: torch.cuda.CUDAGraph, work, device: torch.device):
+    """Capture ``work()`` into ``graph`` on the current stream and return what it returned.
+
+    ``torch.cuda.graph`` does the same, but when the capture fails (an operation that syncs with
+    the CPU, say) it leaves the caching allocator sending this stream's allocations to the graph's
+    memory pool as if the capture were still under way, and every later capture and step in the
+    process suffers. Here a failed capture is ended and the allocator released before the error
+    is raised, so the process goes on as before it began.
+    """
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # as torch.cuda.graph does: free what can be freed for the graph's pool
+    pool = torch.cuda.graph_pool_handle()
+    graph.capture_begin(pool=pool)
+    try:
+        result = work()
+    except BaseException:
+        abandon_capture(graph, device, pool)
+        raise
+    try:
+        graph.capture_end()
+    except BaseException:
+        abandon_capture(graph, device, pool)
+        raise
+    return result
+
+
+def abandon_capture(graph: torch.cuda.CUDAGraph, device: torch.device, pool) -> None:
+    """Undo what a failed capture left behind: the stream's capture mode and the allocator's pool."""
+    if torch.cuda.is_current_stream_capturing():
+        with contextlib.suppress(Exception):  # an invalidated capture ends with an error, but it ends
+            graph.capture_end()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    # capture_end stops routing allocations to the pool only when it succeeds; when it has, this refuses.
+    with contextlib.suppress(Exception):
+        torch._C._cuda_endAllocateToPool(index, pool)
+    with contextlib.suppress(Exception):
+        torch._C._cuda_releasePool(index, pool)
+    torch.cuda.synchronize(device)
+
+
 def check_capturable(optimizer: torch.optim.Optimizer) -> None:
     """Refuse an optimizer whose update a CUDA graph would get wrong or could not capture."""
     for group in optimizer.param_groups:
@@ -355,13 +480,18 @@ def check_capturable(optimizer: torch.optim.Optimizer) -> None:
                              "learning rate back to the CPU")
 
 
-def autocast_without_cache(amp):
-    """``amp`` with autocast's cache of weight casts off, as PyTorch requires for graph capture
-    (make_graphed_callables): a cast cached outside the captured region would be replayed stale.
-    Each weight is cast once per step here, so the cache saves nothing."""
-    if isinstance(amp, torch.autocast):
-        return torch.autocast(amp.device, dtype=amp.fast_dtype, enabled=amp._enabled, cache_enabled=False)
-    return amp
+def make_train_step(model, optimizer, scaler, amp, *, compile: bool, cuda_graph: bool):
+    """The step ``resexp train`` uses: one CUDA graph replay per iteration on a GPU, eager on a CPU.
+
+    A run that compiles starts from a clean compile cache. Dynamo keeps at most ``recompile_limit``
+    (8) compiled versions of a function, and every net in a process shares the module-calling code:
+    the nets of a sweep trained one after another in one process would use the slots up and train
+    uncompiled after a warning. The earlier run's compiled code is of no use to this one.
+    """
+    if compile:
+        torch._dynamo.reset()
+    step_class = GraphedTrainStep if cuda_graph else TrainStep
+    return step_class(model, optimizer, scaler, amp, compile=compile)
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -385,7 +515,7 @@ def evaluate(model, images, labels, mean, batch_size: int, amp) -> tuple[float, 
     return loss, errors
 
 
-# --- run folder ---------------------------------------------------------------------------------
+# --- the run folder -----------------------------------------------------------------------------
 
 def environment(device: torch.device) -> dict:
     """What a reader needs to trust or reproduce a run: code version, software, hardware."""
@@ -432,6 +562,16 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Write the checkpoint atomically; a full disk leaves the previous one intact, and says so."""
+    try:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+    except OSError as error:  # e.g. a full disk: the temporary file is gone, the old checkpoint intact
+        kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint yet"
+        raise UsageError(f"could not write {path} ({error.strerror or error}); {kept}; "
+                         "free some space and run the same command to resume") from error
+
+
 def existing_result(run_dir: Path) -> dict | None:
     """The run's result.json; a damaged one is reported and ignored (the checkpoint decides)."""
     path = run_dir / RESULT
@@ -469,324 +609,271 @@ def out_of_memory_message(run: str, batch_size: int, device: torch.device) -> st
             "use a smaller schedule.batch_size or fewer runs per GPU")
 
 
-# --- the run ------------------------------------------------------------------------------------
+class ProgressBar:
+    """tqdm's bar with the running training loss and error, read without making the loop wait.
 
-class Run:
-    """One run: its folder, config, data, model, optimizer and statistics, and the records it writes.
-
-    Opening a run checks its config, resumes it from its checkpoint if it has one (refusing
-    a checkpoint made under another config), or finds that it is already finished
-    (``finished`` then holds its result and nothing else is built). The training loop
-    (``train_runs``) asks it for the learning rate and batch of the current iteration, hands
-    it each step's loss and error, and lets it evaluate, checkpoint and report.
+    Every ``every`` iterations the loop's device-side sums are copied to the host asynchronously;
+    the bar shows a copy once the device has made it, so reading never waits for the GPU.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike, *, progress: bool | None = None):
-        config_module.check(cfg)
-        self.cfg = cfg
-        self.schedule = schedule = cfg.schedule
-        self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.config = OmegaConf.to_container(cfg, resolve=True)
+    every = 20
 
-        if not cfg.resume:
-            start_over(self.dir)
-        previous = existing_result(self.dir)
-        checkpoint = load_checkpoint(self.dir / CHECKPOINT) if (self.dir / CHECKPOINT).exists() else None
-        if checkpoint is not None:
-            differences = config_module.config_differences(checkpoint["config"], self.config)
-            if differences:
-                raise UsageError(
-                    f"run folder {self.dir} holds a run with another config ({'; '.join(differences[:3])}); "
-                    "choose another name=..., or resume=false to start it over"
-                )
-        self.finished = None
-        if previous and previous.get("status") in ("done", "diverged") and \
-                (checkpoint is None or previous.get("iterations_done") == checkpoint["iteration"]):
-            self.finished = previous  # finished (a diverged run would diverge again)
+    def __init__(self, cfg: DictConfig, label: str, start: int, device: torch.device):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=cfg.schedule.iterations, initial=start, desc=label, unit="it", dynamic_ncols=True,
+                        disable=not cfg.progress, file=sys.stderr, mininterval=1.0)
+        self.on_cuda = device.type == "cuda"
+        self.host = torch.zeros(3, dtype=torch.float64, pin_memory=self.on_cuda)
+        self.copied = torch.cuda.Event() if self.on_cuda else None
+        self.pending = False
+        self.fields: dict[str, str] = {}
+
+    def update(self, iteration: int, sums: torch.Tensor, lr: float) -> None:
+        """One step done; ``sums`` holds the interval's loss sum, errors and images so far."""
+        self.bar.update(1)
+        if self.bar.disable or iteration % self.every:
             return
+        if self.pending and self.copied.query():
+            self.pending = False
+            self.show_running(lr)
+        if not self.on_cuda:
+            self.host.copy_(sums)
+            self.show_running(lr)
+        elif not self.pending:
+            self.host.copy_(sums, non_blocking=True)
+            self.copied.record()
+            self.pending = True
 
-        self.device = device = resolve_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, device)
-        self.cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device, self.precision)
-        configure_backend(device)
+    def show_running(self, lr: float) -> None:
+        loss_sum, errors, seen = self.host.tolist()
+        if seen:
+            self.show(lr=f"{lr:.3g}", loss=f"{loss_sum / seen:.3f}", err=f"{errors / seen:.1%}")
 
-        self.data = data = load_data(
-            cfg.data.name, cfg.data.root, train_size=cfg.data.train_size, test_size=cfg.data.test_size,
-            val_size=cfg.data.val_size, resize=cfg.data.resize, download=cfg.data.download, seed=cfg.seed,
-        )
-        self.test_images = data.test_images.to(device)
-        self.test_labels = data.test_labels.to(device)
-        self.mean = pixel_mean(data.train_images).to(device)
-        self.batches = TrainBatches(data.train_images.to(device), data.train_labels.to(device), schedule.batch_size,
-                                    cfg.seed, self.mean, padding=cfg.data.augment.padding, flip=cfg.data.augment.flip)
+    def show(self, **fields: str) -> None:
+        self.fields.update(fields)
+        self.bar.set_postfix(self.fields, refresh=False)
 
-        torch.manual_seed(cfg.seed)  # model init
-        self.model = build_model(cfg.arch, cfg.depth, cfg.model.shortcut, num_classes=len(data.classes),
-                                 block=cfg.model.block, residual_scale=cfg.model.residual_scale,
-                                 family=cfg.model.family, width=cfg.model.width)
-        self.model = self.model.to(device, memory_format=torch.channels_last)
-        self.parameters = count_parameters(self.model)
-        self.lr_tensor = learning_rate_tensor(schedule.lr, device)  # the loop fills it every iteration
-        self.optimizer = make_optimizer(self.model, schedule, device, lr=self.lr_tensor)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.amp = autocast(device, self.precision)
+    def write(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr)
 
-        # State that a checkpoint restores.
-        self.iteration = 0
-        self.warmup_done_at = None if warmup_applies(cfg.depth, schedule.warmup.min_depth) else 0
-        self.step_stats = torch.zeros(3, dtype=torch.float64, device=device)    # loss sum, errors, images since last eval
-        self.warmup_stats = torch.zeros(2, dtype=torch.float64, device=device)  # errors, images since last warm-up check
-        self.elapsed_before = 0.0  # wall time of earlier sessions of this run
-        self.train_time_s = 0.0    # time spent in training steps (not evaluation), all sessions
-        self.best_test_error = math.inf
-        self.outcome = "trained"
-        self.image_counts: dict[int, torch.Tensor] = {}  # batch size -> the same number on the device
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        else:
-            (self.dir / METRICS).unlink(missing_ok=True)
-        self.lr = self.learning_rate()
-
-        atomic_write_text(self.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_json(self.dir / "env.json", {**environment(device), "resumed_at_iteration": self.iteration or None,
-                                                  "precision": self.precision})
-        self.session_start = time.perf_counter()
-        self.result("running")
-        self.progress = _progress_bar(cfg, self.dir.name, self.iteration, enabled=progress)
-        self.interval_start = time.perf_counter()
-        self.model.train()
-
-    def _restore(self, checkpoint: dict) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        reattach_lr(self.optimizer, self.lr_tensor)
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        self.iteration = checkpoint["iteration"]
-        self.warmup_done_at = checkpoint["warmup_done_at"]
-        self.step_stats.copy_(checkpoint["step_stats"])
-        self.warmup_stats.copy_(checkpoint["warmup_stats"])
-        self.elapsed_before = checkpoint["elapsed_s"]
-        self.train_time_s = checkpoint["train_time_s"]
-        self.best_test_error = checkpoint["best_test_error"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if self.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.device)
-        # Metrics written after the checkpoint are recomputed: drop them so curves have no duplicates.
-        kept = [m for m in read_metrics(self.dir) if m["iteration"] <= self.iteration]
-        write_jsonl(self.dir / METRICS, kept)
-        self.outcome = "resumed"
-
-    # --- the loop's questions and reports ---
-
-    @property
-    def training(self) -> bool:
-        return self.iteration < self.schedule.iterations
-
-    def learning_rate(self) -> float:
-        schedule = self.schedule
-        return learning_rate(self.iteration, lr=schedule.lr, milestones=schedule.milestones, gamma=schedule.gamma,
-                             warming_up=self.warmup_done_at is None, warmup_lr=schedule.warmup.lr)
-
-    def record_step(self, loss: torch.Tensor, wrong: torch.Tensor, images: int, lr: float) -> None:
-        """Count one finished step. Statistics stay on the device: reading them forces a sync,
-        so that happens only at evaluations and warm-up checks."""
-        self.iteration += 1
-        self.lr = lr
-        # Made once: a tensor from a Python number is a host-to-device copy, which would wait every step.
-        if images not in self.image_counts:
-            self.image_counts[images] = torch.tensor(float(images), dtype=torch.float64, device=self.device)
-        seen = self.image_counts[images]
-        self.step_stats += torch.stack([loss.double() * images, wrong.double(), seen])
-        if self.warmup_done_at is None:
-            self.warmup_stats += torch.stack([wrong.double(), seen])
-            if self.iteration % self.schedule.warmup.check_every == 0:
-                errors, seen = self.warmup_stats.tolist()
-                self.warmup_stats.zero_()
-                if errors / seen < self.schedule.warmup.until_train_error:
-                    self.warmup_done_at = self.iteration
-                    self.progress.write(f"{self.dir.name}: warm-up done at iteration {self.iteration} "
-                                        f"(training error {errors / seen:.1%}); lr back to {self.schedule.lr}")
-        self.progress.update(1)
-
-    def evaluation_due(self) -> bool:
-        return self.iteration % self.schedule.eval_every == 0 or not self.training
-
-    def checkpoint_due(self) -> bool:
-        return self.iteration % self.schedule.checkpoint_every == 0 or not self.training
-
-    def evaluate(self) -> bool:
-        """Test error now, training error since the last evaluation: one line in metrics.jsonl.
-        Returns False if the run diverged (then it is recorded as such and should stop)."""
-        now = time.perf_counter()
-        loss_sum, errors, seen = self.step_stats.tolist()
-        self.step_stats.zero_()
-        self.train_time_s += now - self.interval_start
-        test_loss, test_error = evaluate(self.model, self.test_images, self.test_labels, self.mean,
-                                         self.schedule.eval_batch_size, self.amp)
-        train_loss = loss_sum / seen
-        record = {
-            "iteration": self.iteration, "epoch": round(self.iteration / self.batches.steps_per_epoch, 3),
-            "lr": self.lr, "train_loss": train_loss, "train_error": errors / seen,
-            "test_loss": test_loss, "test_error": test_error, "eval_set": self.data.eval_set,
-            "time_s": round(self.elapsed(), 3),
-            # Per weighted layer, from the last step's gradients: the vanishing-gradient view.
-            "grad_norms": gradient_norms(self.model),
-            "images_per_s": round(seen / max(now - self.interval_start, 1e-9), 1),
-        }
-        append_jsonl(self.dir / METRICS, record)
-        self.progress.set_postfix(lr=f"{self.lr:.3g}", loss=f"{train_loss:.3f}", err=f"{errors / seen:.1%}",
-                                  test=f"{test_error:.1%}", ips=f"{record['images_per_s']:.0f}")
-        self.interval_start = time.perf_counter()
-        if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
-            self.progress.close()
-            self.save_checkpoint()
-            print(f"{self.dir.name}: diverged at iteration {self.iteration} (loss {train_loss}); "
-                  "the run stops here", file=sys.stderr)
-            self.result("diverged", diverged_at=self.iteration)
-            return False
-        self.best_test_error = min(self.best_test_error, test_error)
-        return True
-
-    def pause(self) -> None:
-        """Stop between steps: checkpoint now, status ``interrupted``."""
-        self.train_time_s += time.perf_counter() - self.interval_start
-        self.interval_start = time.perf_counter()
-        self.save_checkpoint()
-        self.progress.close()
-        self.result("interrupted")
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.session_start
-
-    # --- records ---
-
-    def save_checkpoint(self) -> None:
-        state = {
-            "format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "iteration": self.iteration, "warmup_done_at": self.warmup_done_at,
-            "step_stats": self.step_stats.cpu(), "warmup_stats": self.warmup_stats.cpu(), "elapsed_s": self.elapsed(),
-            "train_time_s": self.train_time_s, "best_test_error": self.best_test_error,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
-            "config": self.config,
-        }
-        path = self.dir / CHECKPOINT
-        try:
-            atomic_write(path, lambda f: torch.save(state, f))
-        except OSError as error:  # e.g. a full disk: the temporary file is gone, the old checkpoint intact
-            kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint yet"
-            raise UsageError(f"could not write {path} ({error.strerror or error}); {kept}; "
-                             "free some space and run the same command to resume") from error
-
-    def result(self, status: str, **extra) -> dict:
-        """Write result.json with the run's status and latest numbers; return it."""
-        cfg, schedule = self.cfg, self.schedule
-        metrics = read_metrics(self.dir)
-        last = metrics[-1] if metrics else {}
-        record = {
-            "status": status, "run_name": self.dir.name, "arch": cfg.arch, "depth": cfg.depth, "seed": cfg.seed,
-            "shortcut": cfg.model.shortcut if cfg.arch == "resnet" else None, "parameters": self.parameters,
-            "iterations": schedule.iterations, "iterations_done": self.iteration,
-            "final_train_error": last.get("train_error"), "final_test_error": last.get("test_error"),
-            "final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),
-            "best_test_error": None if math.isinf(self.best_test_error) else self.best_test_error,
-            "eval_set": self.data.eval_set, "wall_time_s": round(self.elapsed(), 3),
-            "images_per_s": round(self.iteration * schedule.batch_size / self.train_time_s, 1)
-            if self.train_time_s else None,
-            "device": str(self.device), "precision": self.precision, "error": None, "diverged_at": None,
-        }
-        record.update(extra)
-        atomic_write_json(self.dir / RESULT, record)
-        self.last_result = record
-        return record
+    def close(self) -> None:
+        self.bar.close()
 
 
-def train_runs(runs: list[Run], step: Callable[[list[Run]], None], *, stop_after: int | None = None,
-               before_records: Callable[[list[Run]], None] = lambda runs: None) -> list[dict]:
-    """The training loop, for one run or several trained in lockstep (``resexp.fused``).
-
-    ``step(runs)`` takes one SGD step of every run and reports it with ``Run.record_step``;
-    ``before_records(runs)`` brings each run's model and optimizer up to date before they are
-    evaluated or checkpointed (fused runs train on stacked copies). Returns each run's result,
-    with ``outcome`` saying what this call did: ``trained``, ``resumed``, ``stopped``
-    (``stop_after`` reached; tests use it to simulate an interruption) or ``diverged``.
-    """
-    results: dict[int, dict] = {}
-    active = list(runs)
-    try:
-        with StopSignals() as stop:
-            while active and active[0].training:
-                step(runs)
-                evaluating = [run for run in active if run.evaluation_due()]
-                checkpointing = [run for run in active if run.checkpoint_due()]
-                stopping = stop.received is not None or (stop_after is not None and active[0].iteration >= stop_after)
-                if evaluating or checkpointing or stopping:
-                    before_records(runs)
-                for run in evaluating:
-                    if not run.evaluate():
-                        results[id(run)] = {**run.last_result, "outcome": run.outcome}
-                        active.remove(run)  # a fused twin keeps its slot in the step, its records stop here
-                for run in checkpointing:
-                    if run in active:
-                        run.save_checkpoint()
-                if stopping:
-                    for run in active:
-                        run.pause()
-                    if stop.received is not None:
-                        stop.hand_over()
-                        raise RunInterrupted(stop.received)
-                    for run in active:
-                        results[id(run)] = {**run.last_result, "outcome": "stopped"}
-                    active = []
-    except torch.OutOfMemoryError as error:
-        for run in runs:
-            run.progress.close()
-        run = runs[0]
-        raise UsageError(out_of_memory_message(", ".join(r.dir.name for r in runs), run.schedule.batch_size,
-                                               run.device)) from error
-    for run in active:
-        run.progress.close()
-        results[id(run)] = {**run.result("done"), "outcome": run.outcome}
-    return [results[id(run)] for run in runs]
-
-
-def eager_step(train_step) -> Callable[[list[Run]], None]:
-    """One run's step: set the learning rate, take the iteration's batch, one SGD step."""
-
-    def step(runs: list[Run]) -> None:
-        (run,) = runs
-        lr = run.learning_rate()
-        run.lr_tensor.fill_(lr)
-        x, y = run.batches.batch(run.iteration)
-        loss, wrong = train_step(x.contiguous(memory_format=torch.channels_last), y)
-        run.record_step(loss, wrong, len(y), lr)
-
-    return step
-
+# --- the run ------------------------------------------------------------------------------------
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None = None) -> dict:
     """Train (or resume, or skip if finished) the run that ``cfg`` describes in ``run_dir``.
 
     Returns the run's result dict, with ``outcome`` saying what this call did: ``trained``,
-    ``resumed``, ``skipped`` (already finished) or ``stopped`` (``stop_after`` reached).
+    ``resumed``, ``skipped`` (already finished), ``diverged`` or ``stopped`` (``stop_after``
+    reached; tests use it to simulate an interruption). A stop signal saves a checkpoint and
+    raises ``RunInterrupted``.
     """
-    run = Run(cfg, run_dir)
-    if run.finished is not None:
-        return {**run.finished, "outcome": "skipped"}
-    (result,) = train_runs([run], eager_step(make_train_step(run)), stop_after=stop_after)
-    return result
+    config_module.check(cfg)
+    schedule = cfg.schedule
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    # What the folder holds: a finished run is skipped; a checkpoint resumes only under the same config.
+    if not cfg.resume:
+        start_over(run_dir)
+    previous = existing_result(run_dir)
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).exists() else None
+    if checkpoint is not None:
+        differences = config_module.config_differences(checkpoint["config"], config)
+        if differences:
+            raise UsageError(f"run folder {run_dir} holds a run with another config ({'; '.join(differences[:3])}); "
+                             "choose another name=..., or resume=false to start it over")
+    if previous and previous.get("status") in ("done", "diverged") and \
+            (checkpoint is None or previous.get("iterations_done") == checkpoint["iteration"]):
+        return {**previous, "outcome": "skipped"}  # a diverged run would diverge again
+
+    # Set-up: device, data, model, optimizer.
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    use_graph = resolve_cuda_graph(cfg.cuda_graph, device, precision)
+    configure_backend(device)
+    data = load_data(cfg.data.name, cfg.data.root, train_size=cfg.data.train_size, test_size=cfg.data.test_size,
+                     val_size=cfg.data.val_size, resize=cfg.data.resize, download=cfg.data.download, seed=cfg.seed)
+    mean = pixel_mean(data.train_images).to(device)
+    batches = TrainBatches(data.train_images.to(device), data.train_labels.to(device), schedule.batch_size, cfg.seed,
+                           mean, padding=cfg.data.augment.padding, flip=cfg.data.augment.flip)
+    test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
+    torch.manual_seed(cfg.seed)  # model init
+    model = build_model(cfg.arch, cfg.depth, cfg.model.shortcut, num_classes=len(data.classes), block=cfg.model.block,
+                        residual_scale=cfg.model.residual_scale, family=cfg.model.family, width=cfg.model.width)
+    model = model.to(device, memory_format=torch.channels_last)
+    parameters = count_parameters(model)
+    lr_tensor = learning_rate_tensor(schedule.lr, device)  # the loop fills it every iteration
+    optimizer = make_optimizer(model, schedule, device, lr=lr_tensor)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    amp = autocast(device, precision)
+
+    # The state a checkpoint holds, from the checkpoint or fresh.
+    iteration = 0
+    warmup_done_at = None if warmup_applies(cfg.depth, schedule.warmup.min_depth) else 0
+    step_sums = torch.zeros(3, dtype=torch.float64, device=device)    # loss sum, errors, images since last evaluation
+    warmup_sums = torch.zeros(2, dtype=torch.float64, device=device)  # errors, images since last warm-up check
+    elapsed_before = 0.0  # wall time of earlier sessions of this run
+    train_time_s = 0.0    # time spent in training steps (not evaluation), all sessions
+    best_test_error = math.inf
+    outcome = "trained"
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        reattach_lr(optimizer, lr_tensor)
+        scaler.load_state_dict(checkpoint["scaler"])
+        iteration = checkpoint["iteration"]
+        warmup_done_at = checkpoint["warmup_done_at"]
+        step_sums.copy_(checkpoint["step_stats"])
+        warmup_sums.copy_(checkpoint["warmup_stats"])
+        elapsed_before = checkpoint["elapsed_s"]
+        train_time_s = checkpoint["train_time_s"]
+        best_test_error = checkpoint["best_test_error"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        # Metrics written after the checkpoint are computed again: drop them so curves have no duplicates.
+        write_jsonl(run_dir / METRICS, [m for m in read_metrics(run_dir) if m["iteration"] <= iteration])
+        outcome = "resumed"
+    else:
+        (run_dir / METRICS).unlink(missing_ok=True)
+    # Made after the restore: a CUDA graph keeps the addresses of the tensors it captured.
+    step = make_train_step(model, optimizer, scaler, amp, cuda_graph=use_graph,
+                           compile=resolve_compile(cfg.compile, device, schedule.iterations))
+
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(run_dir / "env.json", {**environment(device), "resumed_at_iteration": iteration or None,
+                                             "precision": precision})
+    session_start = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - session_start
+
+    def checkpoint_now() -> None:
+        save_checkpoint(run_dir / CHECKPOINT, {
+            "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "iteration": iteration, "warmup_done_at": warmup_done_at,
+            "step_stats": step_sums.cpu(), "warmup_stats": warmup_sums.cpu(), "elapsed_s": elapsed(),
+            "train_time_s": train_time_s, "best_test_error": best_test_error,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "config": config,
+        })
+
+    def write_result(status: str, **extra) -> dict:
+        """result.json: the run's status and latest numbers."""
+        metrics = read_metrics(run_dir)
+        last = metrics[-1] if metrics else {}
+        record = {
+            "status": status, "run_name": run_dir.name, "arch": cfg.arch, "depth": cfg.depth, "seed": cfg.seed,
+            "shortcut": cfg.model.shortcut if cfg.arch == "resnet" else None, "parameters": parameters,
+            "iterations": schedule.iterations, "iterations_done": iteration,
+            "final_train_error": last.get("train_error"), "final_test_error": last.get("test_error"),
+            "final_train_loss": last.get("train_loss"), "final_test_loss": last.get("test_loss"),
+            "best_test_error": None if math.isinf(best_test_error) else best_test_error,
+            "eval_set": data.eval_set, "wall_time_s": round(elapsed(), 3),
+            "images_per_s": round(iteration * schedule.batch_size / train_time_s, 1) if train_time_s else None,
+            "device": str(device), "precision": precision, "error": None, "diverged_at": None, **extra,
+        }
+        atomic_write_json(run_dir / RESULT, record)
+        return record
+
+    write_result("running")
+    progress = ProgressBar(cfg, run_dir.name, iteration, device)
+    images_per_step = torch.tensor(float(schedule.batch_size), dtype=torch.float64, device=device)  # made once
+    lr = learning_rate(iteration, lr=schedule.lr, milestones=schedule.milestones, gamma=schedule.gamma,
+                       warming_up=warmup_done_at is None, warmup_lr=schedule.warmup.lr)
+    interval_start = time.perf_counter()
+    model.train()
+    try:
+        with StopSignals() as stop:
+            while iteration < schedule.iterations:
+                lr = learning_rate(iteration, lr=schedule.lr, milestones=schedule.milestones, gamma=schedule.gamma,
+                                   warming_up=warmup_done_at is None, warmup_lr=schedule.warmup.lr)
+                lr_tensor.fill_(lr)  # no host-device sync, and a CUDA graph reads the new rate
+                x, y = batches.batch(iteration)
+                loss, wrong = step(x.contiguous(memory_format=torch.channels_last), y)
+                iteration += 1
+
+                # Statistics stay on the device: reading them waits for the GPU, so that happens at checks only.
+                counts = torch.stack([loss.double() * schedule.batch_size, wrong.double(), images_per_step])
+                step_sums += counts
+                progress.update(iteration, step_sums, lr)
+
+                # Warm-up (the paper's 110-layer net): a low rate until the training error is below a threshold.
+                if warmup_done_at is None:
+                    warmup_sums += counts[1:]
+                    if iteration % schedule.warmup.check_every == 0:
+                        errors, seen = warmup_sums.tolist()
+                        warmup_sums.zero_()
+                        if errors / seen < schedule.warmup.until_train_error:
+                            warmup_done_at = iteration
+                            progress.write(f"{run_dir.name}: warm-up done at iteration {iteration} "
+                                           f"(training error {errors / seen:.1%}); lr back to {schedule.lr}")
+
+                finished = iteration == schedule.iterations
+                if iteration % schedule.eval_every == 0 or finished:
+                    now = time.perf_counter()
+                    loss_sum, errors, seen = step_sums.tolist()
+                    step_sums.zero_()
+                    train_time_s += now - interval_start
+                    test_loss, test_error = evaluate(model, test_images, test_labels, mean,
+                                                     schedule.eval_batch_size, amp)
+                    train_loss = loss_sum / seen
+                    append_jsonl(run_dir / METRICS, {
+                        "iteration": iteration, "epoch": round(iteration / batches.steps_per_epoch, 3), "lr": lr,
+                        "train_loss": train_loss, "train_error": errors / seen,
+                        "test_loss": test_loss, "test_error": test_error, "eval_set": data.eval_set,
+                        "time_s": round(elapsed(), 3),
+                        # Per weighted layer, from the last step's gradients: the vanishing-gradient view.
+                        "grad_norms": gradient_norms(model),
+                        "images_per_s": round(seen / max(now - interval_start, 1e-9), 1),
+                    })
+                    progress.show(lr=f"{lr:.3g}", loss=f"{train_loss:.3f}", err=f"{errors / seen:.1%}", test=f"{test_error:.1%}",
+                                  ips=f"{seen / max(now - interval_start, 1e-9):.0f}")
+                    interval_start = time.perf_counter()
+                    if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+                        progress.close()
+                        checkpoint_now()
+                        print(f"{run_dir.name}: diverged at iteration {iteration} (loss {train_loss}); "
+                              "the run stops here", file=sys.stderr)
+                        return {**write_result("diverged", diverged_at=iteration), "outcome": "diverged"}
+                    best_test_error = min(best_test_error, test_error)
+
+                if iteration % schedule.checkpoint_every == 0 or finished:
+                    checkpoint_now()
+
+                if stop.received is not None or iteration == stop_after:
+                    train_time_s += time.perf_counter() - interval_start
+                    checkpoint_now()
+                    progress.close()
+                    stopped = write_result("interrupted")
+                    if stop.received is None:
+                        return {**stopped, "outcome": "stopped"}
+                    stop.hand_over()
+                    raise RunInterrupted(stop.received)
+    except torch.OutOfMemoryError as error:
+        message = out_of_memory_message(run_dir.name, schedule.batch_size, device)
+        record_ending(progress, write_result, "failed", message)
+        raise UsageError(message) from error
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped between checkpoints
+        record_ending(progress, write_result, "interrupted")
+        raise
+    except Exception as error:
+        record_ending(progress, write_result, "failed", str(error) if isinstance(error, UsageError) else
+                      error_line(error))
+        raise
+    progress.close()
+    return {**write_result("done"), "outcome": outcome}
 
 
-def make_train_step(run: Run) -> TrainStep:
-    """The step ``resexp train`` uses: one CUDA graph replay per iteration on a GPU, eager on a CPU."""
-    step_class = GraphedTrainStep if run.cuda_graph else TrainStep
-    return step_class(run.model, run.optimizer, run.scaler, run.amp,
-                      compile_model=resolve_compile(run.cfg.compile, run.device, run.schedule.iterations))
-
-
-def _progress_bar(cfg: DictConfig, label: str, start: int, *, enabled: bool | None = None):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.schedule.iterations, initial=start, desc=label, unit="it", dynamic_ncols=True,
-                disable=not (cfg.progress if enabled is None else enabled), file=sys.stderr, mininterval=1.0)
+def record_ending(progress: ProgressBar, write_result, status: str, error: str | None = None) -> None:
+    """Say in result.json how a run that stopped on an error ended, so that no dead run shows as running.
+    If even that cannot be written (a full disk), the error that stopped the run is what the user sees."""
+    progress.close()
+    with contextlib.suppress(Exception):
+        write_result(status, error=error)

@@ -12,9 +12,7 @@ has no way to say "submitted, not finished"), and a job that ends without a resu
 the collection of the others' results.
 
 With ``gpus=...`` (``sweep.gpus``) and the local launcher, the jobs go to ``resexp.slots``
-instead, which runs several at once on this machine, one process and one GPU each. With
-``fuse=true`` (``sweep.fuse``), runs whose nets have the same layer shapes train together in
-one process (``resexp.fused``).
+instead, which runs several at once on this machine, one process and one GPU each.
 """
 
 import sys
@@ -22,7 +20,7 @@ from pathlib import Path
 from typing import Any, List
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 
 class ResexpSweeper(BasicSweeper):
@@ -72,37 +70,18 @@ class ResexpSweeper(BasicSweeper):
                     print(f"stopped waiting; the SLURM jobs keep running (scancel {submitted[0].job_id.split('_')[0]} "
                           f"stops them); resexp status {sweep_dir} shows them", file=sys.stderr)
                 raise
-        elif self.config.sweep.gpus is not None or self.config.sweep.fuse:
-            results = self.run_here(planned, sweep_dir, config_dirs(loader))
+        elif self.config.sweep.gpus is not None:
+            # Several jobs at once on this machine, each in its own process with one GPU (resexp.slots).
+            from resexp import slots
+
+            results = slots.run_in_slots(planned, sweep_dir, list(self.config.sweep.gpus),
+                                         self.config.sweep.runs_per_gpu, extra_overrides=config_dirs(loader))
         else:
             results = []
             for batch in self.split_overrides_to_chunks(job_overrides, self.max_batch_size):
                 results += self.launcher.launch(batch, initial_job_idx=len(results))
         resexp_sweep.write_sweep_record(sweep_dir, resexp_sweep.finished_record(sweep_dir, record, results))
         return [results]
-
-    def run_here(self, planned: List[dict], sweep_dir: Path, extra_overrides: List[str]) -> list:
-        """``gpus=...``: several jobs at once on this machine, each in its own process with one GPU
-        (resexp.slots). ``fuse=true``: runs of the same layer shapes trained together (resexp.fused)."""
-        from resexp import slots
-        from resexp import sweep as resexp_sweep
-        from resexp.fused import group_runs
-
-        groups, configs = None, None
-        if self.config.sweep.fuse:
-            configs = [self.job_config(job["overrides"]) for job in planned]
-            groups = group_runs(configs)
-        if self.config.sweep.gpus is not None:
-            return slots.run_in_slots(planned, sweep_dir, list(self.config.sweep.gpus), self.config.sweep.runs_per_gpu,
-                                      extra_overrides=extra_overrides, groups=groups)
-        return resexp_sweep.run_fused_groups(planned, sweep_dir, configs, groups)
-
-    def job_config(self, overrides: List[str]):
-        """A job's config as Hydra's launcher hands it to the job: composed, without the hydra node."""
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
 
 
 def config_dirs(loader) -> List[str]:
