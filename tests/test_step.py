@@ -1,5 +1,5 @@
-"""The training step's fast path: the learning rate as a device tensor, the warm-up snapshot, and
-the CUDA-graph step (its GPU tests are skipped on a machine without one)."""
+"""The training step's fast path on a CPU: the learning rate as a device tensor, the warm-up snapshot,
+compiling once, out of memory reported as such. The GPU side is in test_cuda.py."""
 
 import io
 import subprocess
@@ -21,7 +21,6 @@ LRS = [0.1, 0.1, 0.01, 0.01, 0.001]  # a schedule with drops between steps
 BATCH = 16
 RESEXP = Path(sysconfig.get_path("scripts")) / "resexp"
 CPU = torch.device("cpu")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def small_net(device="cpu"):
@@ -242,84 +241,157 @@ def test_resexp_train_refuses_a_bad_cuda_graph_setting_in_one_line(tmp_path, cli
     assert not out.exists()
 
 
-# --- the CUDA graph (GPU only) ------------------------------------------------------------------
+# --- compiling once, and out of memory (the GPU's failure modes, on a CPU) ----------------------
 
-def cuda_pair(precision, net=small_net):
-    """Two identical models with optimizers and lr tensors, an eager and a graphed step."""
-    device = torch.device("cuda")
-    steps = []
-    for step_class in (TrainStep, GraphedTrainStep):
-        model = net(device)
-        lr = learning_rate_tensor(SCHEDULE.lr, device)
-        optimizer = make_optimizer(model, SCHEDULE, device, lr=lr)
-        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-        steps.append((model, optimizer, lr, step_class(model, optimizer, scaler, autocast(device, precision))))
-    return steps
-
-
-def train_both(pair, count=len(LRS)):
-    (eager_model, eager_optimizer, eager_lr, eager_step), (graph_model, graph_optimizer, graph_lr, graph_step) = pair
-    for rate, (x, y) in zip(LRS * (count // len(LRS) + 1), batches(count, "cuda")):
-        eager_lr.fill_(rate)
-        graph_lr.fill_(rate)
-        eager_loss, eager_wrong = eager_step(x, y)
-        graph_loss, graph_wrong = graph_step(x, y)
-        torch.testing.assert_close(graph_loss, eager_loss, rtol=1e-3, atol=1e-4)
-        assert abs(int(graph_wrong) - int(eager_wrong)) <= 1
-    return state(eager_model, eager_optimizer), state(graph_model, graph_optimizer)
+SMOKE = ["data=synthetic", "data.train_size=256", "data.test_size=64", "schedule=smoke", "schedule.iterations=6",
+         "schedule.eval_every=3", "schedule.batch_size=32", "progress=false", "device=cpu"]
 
 
 @pytest.fixture
-def deterministic_cudnn():
-    """The eager and graphed step then pick the same convolution algorithms, run to run."""
-    previous = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    yield
-    torch.backends.cudnn.deterministic = previous
+def counted_compiles(monkeypatch):
+    """torch.compile with a backend that records each graph it is handed and runs it as it is."""
+    compiled = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled.append(graph_module)
+        return graph_module.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counting_backend))
+    yield compiled
+    torch._dynamo.reset()
 
 
-@needs_cuda
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_graphed_step_trains_like_the_eager_step(precision, deterministic_cudnn):
-    pair = cuda_pair(precision)
-    eager_state, graph_state = train_both(pair)
-    assert pair[1][3].graph is not None  # really replayed a graph
-    assert eager_state.keys() == graph_state.keys()
-    for name in eager_state:
-        torch.testing.assert_close(graph_state[name], eager_state[name], rtol=1e-3, atol=1e-4, msg=name)
-    # .grad holds the last replay's gradients, for the logged gradient norms.
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pair[1][0].parameters())
+def test_autocast_keeps_no_weight_cache():
+    """The cache flag is part of torch.compile's guards: every training step must use the same setting."""
+    amp = autocast(CPU, "bf16")
+    assert isinstance(amp, torch.autocast) and amp._cache_enabled is False
 
 
-@needs_cuda
-def test_graphed_step_trains_fp16_eagerly(deterministic_cudnn):
-    pair = cuda_pair("fp16")
-    eager_state, graph_state = train_both(pair)
-    assert pair[1][3].graph is None
-    for name in eager_state:
-        torch.testing.assert_close(graph_state[name], eager_state[name], msg=name)
+def test_every_net_of_a_nine_net_sweep_in_one_process_compiles_once(tmp_path, counted_compiles):
+    """Dynamo keeps 8 compiled versions of a function that all nets share; each run starts clean."""
+    from resexp.train import train
+
+    nets = [(arch, depth) for depth in (8, 14, 20, 26) for arch in ("plain", "resnet")] + [("resnet", 32)]
+    for number, (arch, depth) in enumerate(nets):
+        before = len(counted_compiles)
+        cfg = config_module.compose([*SMOKE, f"arch={arch}", f"depth={depth}", "compile=true", "precision=bf16"])
+        train(cfg, tmp_path / f"{arch}-{depth}")
+        assert len(counted_compiles) - before == 1, f"net {number + 1} ({arch}-{depth}) compiled " \
+                                                     f"{len(counted_compiles) - before} times"
 
 
-class SyncingNet(torch.nn.Module):
-    """A net whose forward reads a value back to the CPU: trains eagerly, cannot be captured."""
-
-    def __init__(self, device):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = small_net(device)
+class OutOfMemoryNet(torch.nn.Module):
+    """Stands in for a compiled net that runs out of GPU memory in its forward pass."""
 
     def forward(self, x):
-        if x.abs().max().item() < 0:  # never true; the read-back is the point
-            x = -x
-        return self.net(x)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-@needs_cuda
-def test_a_failed_capture_warns_once_and_trains_eagerly_from_the_untouched_state(capsys, deterministic_cudnn):
-    pair = cuda_pair("fp32", net=SyncingNet)
-    eager_state, graph_state = train_both(pair)
-    assert pair[1][3].graph is None
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "CUDA graph capture failed" in line]
-    assert len(warnings) == 1
-    for name in eager_state:
-        torch.testing.assert_close(graph_state[name], eager_state[name], msg=name)
+def test_out_of_memory_in_a_compiled_step_is_not_taken_for_a_failed_compile(monkeypatch, capsys):
+    model = small_net()
+    optimizer = make_optimizer(model, SCHEDULE, CPU)
+    step = TrainStep(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), autocast(CPU, "fp32"))
+    step.forward = OutOfMemoryNet()  # what torch.compile returned
+    with pytest.raises(torch.OutOfMemoryError):
+        step(*batches(1)[0])
+    assert step.forward is not model  # still compiled: nothing was switched off
+    assert "compile failed" not in capsys.readouterr().err
+
+
+def test_out_of_memory_wrapped_by_the_compiler_is_still_out_of_memory():
+    from resexp.train import caused_by_out_of_memory
+
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError as inner:
+            raise RuntimeError("backend compiler failed") from inner
+    except RuntimeError as wrapped:
+        assert caused_by_out_of_memory(wrapped)
+    assert not caused_by_out_of_memory(RuntimeError("an ordinary compile error"))
+
+
+def test_a_run_that_runs_out_of_memory_says_so_the_first_time_and_records_it(tmp_path, monkeypatch):
+    import json
+
+    from resexp import train as train_module
+
+    monkeypatch.setattr(train_module, "compile_model", lambda model: OutOfMemoryNet())
+    cfg = config_module.compose([*SMOKE, "compile=true"])
+    with pytest.raises(UsageError, match="out of GPU memory at batch size 32"):
+        train_module.train(cfg, tmp_path / "run")
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "failed" and "out of GPU memory" in result["error"]
+
+
+# --- a GPU that torch cannot use ------------------------------------------------------------------
+
+DRIVER_FILE = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  535.183.01  Release Build  (dvs-builder@U16)\n"
+
+
+@pytest.fixture
+def unusable_gpu(tmp_path, monkeypatch):
+    """A machine whose NVIDIA driver is loaded while torch finds no usable GPU (a driver too old for the build)."""
+    from resexp import train as train_module
+
+    version_file = tmp_path / "nvidia-version"
+    version_file.write_text(DRIVER_FILE)
+    monkeypatch.setattr(train_module, "NVIDIA_DRIVER_VERSION_FILE", version_file)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return train_module
+
+
+def test_device_auto_refuses_a_gpu_torch_cannot_use(unusable_gpu):
+    with pytest.raises(UsageError) as refused:
+        unusable_gpu.resolve_device("auto")
+    message = str(refused.value)
+    assert "535.183.01" in message and (f"CUDA {torch.version.cuda}" in message or "CPU-only" in message)
+    assert "TORCH_SPEC" in message and "device=cpu" in message and "\n" not in message
+    assert unusable_gpu.resolve_device("cpu") == CPU
+
+
+def test_hidden_gpus_and_machines_without_a_driver_train_on_the_cpu(unusable_gpu, monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert unusable_gpu.resolve_device("auto") == CPU  # hidden on purpose
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(unusable_gpu, "NVIDIA_DRIVER_VERSION_FILE", tmp_path / "absent")
+    assert unusable_gpu.resolve_device("auto") == CPU
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_resexp_stops_before_training_on_a_gpu_it_cannot_use(unusable_gpu, tmp_path, capsys, command,
+                                                              hydra_in_process):
+    from resexp import cli
+
+    out = tmp_path / "out"
+    code = cli.main([command, "data=synthetic", "schedule=smoke", "depth=8", "progress=false", f"out={out}"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert len(lines) == 1 and "535.183.01" in lines[0] and "device=cpu" in lines[0], lines
+    assert not out.exists()
+    assert cli.main(["train", "data=synthetic", "schedule=smoke", "depth=8", "progress=false", "device=cpu",
+                     f"out={out}"]) == 0
+
+
+# --- slots and the progress bar -------------------------------------------------------------------
+
+def test_each_slot_job_gets_its_share_of_compile_workers():
+    from resexp.slots import job_environment
+
+    env = job_environment(gpu=1, threads=3)
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert env["OMP_NUM_THREADS"] == env["TORCHINDUCTOR_COMPILE_THREADS"] == "3"
+
+
+def test_the_progress_bar_shows_running_loss_and_error_before_the_first_evaluation():
+    from resexp.train import ProgressBar
+
+    cfg = config_module.compose([*SMOKE, "progress=true"])
+    bar = ProgressBar(cfg, "run", 0, CPU)
+    sums = torch.tensor([2.5 * 40, 10.0, 40.0], dtype=torch.float64)  # loss sum, errors, images
+    for iteration in range(1, ProgressBar.every + 1):
+        bar.update(iteration, sums, 0.1)
+    bar.close()
+    assert bar.fields["loss"] == "2.500" and bar.fields["err"] == "25.0%" and bar.fields["lr"] == "0.1"

@@ -856,14 +856,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
                         return {**stopped, "outcome": "stopped"}
                     stop.hand_over()
                     raise RunInterrupted(stop.received)
-    except torch.OutOfMemoryError as error:
-        message = out_of_memory_message(run_dir.name, schedule.batch_size, device)
-        record_ending(progress, write_result, "failed", message)
-        raise UsageError(message) from error
     except KeyboardInterrupt:  # a second Ctrl-C: stopped between checkpoints
         record_ending(progress, write_result, "interrupted")
         raise
     except Exception as error:
+        if caused_by_out_of_memory(error):  # raised as it is, or wrapped by torch.compile
+            message = out_of_memory_message(run_dir.name, schedule.batch_size, device)
+            record_ending(progress, write_result, "failed", message)
+            raise UsageError(message) from error
         record_ending(progress, write_result, "failed", str(error) if isinstance(error, UsageError) else
                       error_line(error))
         raise
