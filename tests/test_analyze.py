@@ -42,7 +42,7 @@ from resexp.train import train
 
 PAPER_PARAMETERS = {20: 269_722, 1202: 19_421_274}
 # A few steps more than schedule=smoke, so that the nets are better than chance.
-TINY_RUN = ["data=synthetic", "schedule=smoke", "progress=false", "depth=8", "data.train_size=256",
+TINY_RUN = ["data=synthetic", "device=cpu", "schedule=smoke", "progress=false", "depth=8", "data.train_size=256",
             "data.test_size=100", "schedule.iterations=16", "schedule.eval_every=8", "schedule.checkpoint_every=16",
             "schedule.milestones=[100]"]
 

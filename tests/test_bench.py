@@ -48,6 +48,7 @@ def test_tiny_bench_writes_a_record_with_positive_figures(tmp_path, capsys):
     assert environment["device"] == "cpu" and environment["cpu_count"] >= 1
     assert environment["torch"] and environment["torchvision"] and environment["date"]
     assert record["settings"]["batch_size"] == 32 and record["settings"]["compile"] is False
+    assert record["settings"]["cuda_graph"] is False and record["resexp"]["cuda_graph"] is False  # no GPU here
     grad_norms = record["grad_norms"]
     assert grad_norms["median_ms"] > 0 and grad_norms["fraction_of_step"] > 0
     assert len(grad_norms["call_ms"]) >= 1 and all(ms > 0 for ms in grad_norms["call_ms"])
@@ -88,6 +89,7 @@ def test_memory_of_a_tiny_net_counts_parameter_state_and_saved_activations(tmp_p
     (["precision=fp8"], "precision=fp8"),
     (["device=tpu"], "device=tpu"),
     (["compile=maybe"], "compile=maybe"),
+    (["cuda_graph=maybe"], "cuda_graph=maybe"),
     (["reference=yes"], "reference=yes"),
     (["data=imagenet"], "data=imagenet"),
     (["arch=vgg"], "arch"),

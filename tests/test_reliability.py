@@ -17,7 +17,7 @@ from resexp.errors import UsageError
 from resexp.signals import RunInterrupted
 from resexp.train import CHECKPOINT, train
 
-SMOKE = ["data=synthetic", "schedule=smoke", "progress=false", "arch=plain", "depth=8",
+SMOKE = ["data=synthetic", "device=cpu", "schedule=smoke", "progress=false", "arch=plain", "depth=8",
          "schedule.iterations=12", "schedule.milestones=[6,9]"]
 VOLATILE = ("time_s", "images_per_s")
 

@@ -80,14 +80,15 @@ def test_group_sweeps_name_runs_by_the_option():
 
 def test_rerun_skips_finished_continues_partial_and_retries_failed(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = ["depth=8", "schedule=smoke", "data=synthetic", "progress=false", "name=demo"]
+    args = ["depth=8", "schedule=smoke", "data=synthetic", "progress=false", "device=cpu", "name=demo"]
     assert cli.main(["sweep", *args]) == 0
     sweep_dir = tmp_path / "outputs" / "demo"
     runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert runs == ["plain-8-s0", "resnet-8-s0"]
 
     # plain-8: interrupted after 2 of 8 iterations; resnet-8: crashed before its first checkpoint.
-    cfg = compose(["arch=plain", "depth=8", "schedule=smoke", "data=synthetic", "progress=false", "resume=false"])
+    cfg = compose(["arch=plain", "depth=8", "schedule=smoke", "data=synthetic", "progress=false", "resume=false",
+                   "device=cpu"])
     train(cfg, sweep_dir / "plain-8-s0", stop_after=2)
     failed = sweep_dir / "resnet-8-s0" / "result.json"
     failed.write_text(json.dumps({**json.loads(failed.read_text()), "status": "failed"}))

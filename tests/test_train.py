@@ -14,7 +14,7 @@ from resexp import config as config_module
 from resexp.errors import UsageError
 from resexp.train import CHECKPOINT, learning_rate, resolve_compile, train
 
-SMOKE = ["data=synthetic", "schedule=smoke", "progress=false"]
+SMOKE = ["data=synthetic", "schedule=smoke", "progress=false", "device=cpu"]  # CPU arithmetic: exact resumes
 VOLATILE = ("time_s", "images_per_s")  # wall-clock figures differ between runs
 
 

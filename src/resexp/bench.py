@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import UsageError
+from .train import usable_cores
 
 USAGE = """\
 usage: resexp bench [KEY=VALUE ...]
@@ -56,6 +57,7 @@ JSON record.
 keys (default):
   arch (resnet)  depth (20)  batch_size (128)       the net and the mini-batch
   device (auto)  precision (auto)  compile (auto)   as in resexp train
+  cuda_graph (auto)                                 as in resexp train: one CUDA graph per step on a GPU
   steps (50)  warmup (10)  windows (5)              timed windows of `steps` steps after `warmup` steps
   data (synthetic)  data.root  data.train_size      synthetic | imagefolder | cifar10 (no download)
   workers (min(4, cores))                           DataLoader workers of the reference pipeline
@@ -95,13 +97,6 @@ BF16_DENSE_PEAK_TFLOPS = (
 )
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (a cluster job or taskset may allow fewer than exist)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
 # --- arguments ----------------------------------------------------------------------------------
 
 @dataclass
@@ -112,6 +107,7 @@ class BenchSettings:
     device: str = "auto"
     precision: str = "auto"
     compile: str | bool = "auto"  # "auto", True or False, as resolve_compile takes it
+    cuda_graph: str | bool = "auto"  # "auto", True or False, as resolve_cuda_graph takes it
     steps: int = 50
     warmup: int = 10
     windows: int = 5
@@ -176,7 +172,7 @@ def _boolean(key: str, value: str) -> bool:
     return BOOLEAN_WORDS[value.lower()]
 
 
-def _compile_setting(key: str, value: str) -> str | bool:
+def _auto_or_boolean(key: str, value: str) -> str | bool:
     if value == "auto":
         return "auto"
     if value.lower() not in BOOLEAN_WORDS:
@@ -210,7 +206,8 @@ PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "batch_size": ("batch_size", _whole_number(1)),
     "device": ("device", _choice(DEVICE_CHOICES)),
     "precision": ("precision", _choice(PRECISION_CHOICES)),
-    "compile": ("compile", _compile_setting),
+    "compile": ("compile", _auto_or_boolean),
+    "cuda_graph": ("cuda_graph", _auto_or_boolean),
     "steps": ("steps", _whole_number(1)),
     "warmup": ("warmup", _whole_number(1)),  # the first step is always a warm-up step (compile, workers)
     "windows": ("windows", _whole_number(1)),
@@ -333,13 +330,14 @@ def memory_held(device: torch.device) -> int:
 
 
 def prepare(build: Callable[[], Pipeline], settings: BenchSettings, device: torch.device) -> Pipeline:
-    """Build a pipeline and run its warm-up steps, timing the first one and recording peak memory.
+    """Build a pipeline and run its warm-up steps, timing the first one; then record the peak memory
+    of one steady-state step.
 
-    The warm-up steps allocate everything a step needs, so their peak is the steady one. On
-    CUDA, memory that an earlier pipeline still holds is not counted.
+    The peak is reset after the warm-up: cuDNN's and Triton's autotuning workspaces and the CUDA
+    graph's capture are one-off costs, not what training holds step after step. On CUDA, memory
+    that an earlier pipeline still holds is not counted.
     """
     held_before = memory_held(device)
-    reset_peak_memory(device)
     pipeline = build()
     try:
         start = time.perf_counter()
@@ -348,6 +346,9 @@ def prepare(build: Callable[[], Pipeline], settings: BenchSettings, device: torc
         pipeline.first_step_s = time.perf_counter() - start
         for _ in range(settings.warmup - 1):
             pipeline.one_step()
+        synchronize(device)
+        reset_peak_memory(device)
+        pipeline.one_step()
         synchronize(device)
     except BaseException:
         pipeline.close()
@@ -438,12 +439,11 @@ def gradient_norm_figures(call_s: list[float], step_ms: float, intervals: dict[s
 # --- the two pipelines --------------------------------------------------------------------------
 
 def resexp_pipeline(data, settings: BenchSettings, device: torch.device, precision: str,
-                    compile_model: bool) -> Pipeline:
+                    compile_model: bool, cuda_graph: bool) -> Pipeline:
     """resexp's training step, built as ``train.train`` builds it."""
     from .data import TrainBatches, pixel_mean
     from .models import build_model
-    from .train import (GraphedTrainStep, TrainStep, autocast, learning_rate_tensor, make_optimizer,
-                        resolve_cuda_graph)
+    from .train import autocast, learning_rate_tensor, make_optimizer, make_train_step
 
     images = data.train_images.to(device)
     labels = data.train_labels.to(device)
@@ -455,9 +455,8 @@ def resexp_pipeline(data, settings: BenchSettings, device: torch.device, precisi
     lr = learning_rate_tensor(SGD.lr, device)
     optimizer = make_optimizer(model, SGD, device, lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    cuda_graph = resolve_cuda_graph("auto", device, precision)  # as resexp train does by default
-    step = (GraphedTrainStep if cuda_graph else TrainStep)(model, optimizer, scaler, autocast(device, precision),
-                                                           compile_model=compile_model)
+    step = make_train_step(model, optimizer, scaler, autocast(device, precision), compile=compile_model,
+                           cuda_graph=cuda_graph)
     step_stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, errors, images: kept per step
     batch_images = torch.tensor(float(settings.batch_size), dtype=torch.float64, device=device)
     iteration = 0
@@ -625,14 +624,16 @@ def run_memory(settings: BenchSettings) -> dict:
     optimizer = make_optimizer(model, SGD, device)
     amp = autocast(device, precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step = TrainStep(model, optimizer, scaler, amp, compile_model=compile_model)
+    step = TrainStep(model, optimizer, scaler, amp, compile=compile_model)
     try:
         x, y = random_batch(settings.batch_size if on_cuda else STATE_STEP_BATCH)
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
         for _ in range(2):  # the first step also makes the momentum buffers (and, on CUDA, tries kernels)
             step(x, y)
         synchronize(device)
+        if on_cuda:  # the steady state: a step after those, without the autotuners' one-off workspaces
+            torch.cuda.reset_peak_memory_stats(device)
+            step(x, y)
+            synchronize(device)
         cuda_peak = torch.cuda.max_memory_allocated(device) if on_cuda else None
         state = parameter_state(model, optimizer)
         del x, y
@@ -656,7 +657,7 @@ def run_memory(settings: BenchSettings) -> dict:
             # and the allocator's slack, and on a GPU the CUDA context besides.
             "estimate_bytes": state["parameter_state_bytes"] + saved_bytes,
             "cuda_peak_bytes": cuda_peak,
-            "cuda_peak_kind": "torch.cuda.max_memory_allocated over the first two training steps"
+            "cuda_peak_kind": "torch.cuda.max_memory_allocated over a steady-state training step"
                               if on_cuda else None,
             "forward_s": round(forward_s, 2),
         },
@@ -694,12 +695,13 @@ def default_json_path(settings: BenchSettings, device: torch.device, precision: 
 def run_bench(settings: BenchSettings) -> dict:
     """Measure both pipelines and return the record that ``bench_command`` writes."""
     from .models import build_model, count_parameters
-    from .train import configure_backend, resolve_compile, resolve_device, resolve_precision
+    from .train import configure_backend, resolve_compile, resolve_cuda_graph, resolve_device, resolve_precision
 
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     # compile=auto as resexp train decides it for the paper's schedule (the run a user times).
     compile_model = resolve_compile(settings.compile, device, paper_iterations())
+    cuda_graph = resolve_cuda_graph(settings.cuda_graph, device, precision)
     configure_backend(device)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
@@ -716,7 +718,7 @@ def run_bench(settings: BenchSettings) -> dict:
 
     pipelines: list[Pipeline] = []
     try:
-        pipelines.append(prepare(lambda: resexp_pipeline(data, settings, device, precision, compile_model),
+        pipelines.append(prepare(lambda: resexp_pipeline(data, settings, device, precision, compile_model, cuda_graph),
                                  settings, device))
         if settings.reference:
             pipelines.append(prepare(lambda: reference_pipeline(data, settings, device), settings, device))
@@ -752,7 +754,7 @@ def run_bench(settings: BenchSettings) -> dict:
         "model": {"arch": settings.arch, "depth": settings.depth, "parameters": parameters,
                   "forward_macs_per_image": macs_per_image},
         "settings": {**asdict(settings), "device": device.type, "precision": precision, "compile": compile_model,
-                     "train_images": len(data.train_images)},
+                     "cuda_graph": cuda_graph, "train_images": len(data.train_images)},
         "environment": environment_record(device, device_name, peak_tflops, load_average_start),
     }
 
