@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +26,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 SCHEDULE = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=1e-4)  # the paper's SGD settings
 LRS = [0.1, 0.1, 0.01, 0.01, 0.001]  # a schedule with drops between steps
 BATCH = 16
-RESEXP = Path(sysconfig.get_path("scripts")) / "resexp"
+RESEXP = [sys.executable, "-m", "resexp"]  # works where the package was installed without its scripts
 # A short run on learnable generated data: long enough to learn, short enough for a GPU check.
 SHORT = ["data=synthetic", "data.train_size=2560", "data.test_size=512", "arch=resnet", "depth=8",
          "schedule=smoke", "schedule.iterations=300", "schedule.milestones=[150,225]", "schedule.eval_every=50",
@@ -215,7 +214,7 @@ def test_resexp_train_with_the_production_defaults_learns_like_an_eager_fp32_run
     """compile=auto cuda_graph=auto precision=auto (compiled, graphed, bf16) against the plain eager fp32 step."""
     runs = {"defaults": [], "eager": ["compile=false", "cuda_graph=false", "precision=fp32"]}
     for name, extra in runs.items():
-        done = subprocess.run([str(RESEXP), "train", *SHORT, *extra, f"out={tmp_path}", f"name={name}"],
+        done = subprocess.run([*RESEXP, "train", *SHORT, *extra, f"out={tmp_path}", f"name={name}"],
                               env=gpu_env(), capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         assert "failed" not in done.stderr, done.stderr  # no compile or capture fallback
@@ -248,7 +247,7 @@ def test_out_of_memory_is_one_line_naming_the_batch_size(tmp_path):
     # A ResNet-20 saves over 1 MiB of activations per image: a batch of more images than the GPU has
     # free MiB cannot fit. The generated training set must hold one batch.
     batch = 1 << int(free // 2**20).bit_length()
-    done = subprocess.run([str(RESEXP), "train", "data=synthetic", f"data.train_size={batch}", "data.test_size=100",
+    done = subprocess.run([*RESEXP, "train", "data=synthetic", f"data.train_size={batch}", "data.test_size=100",
                            "depth=20", "schedule=smoke", f"schedule.batch_size={batch}", "progress=false",
                            f"out={tmp_path}", "name=oom"], env=gpu_env(), capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
