@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +39,19 @@ def hydra_in_process():
         logger.setLevel(level)
         logger.propagate = propagate
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def counted_compiles(monkeypatch):
+    """torch.compile with a backend that records each graph it is handed and runs it as it is: how
+    many times a net was compiled, without the minutes a real compile takes on a CPU."""
+    compiled = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled.append(graph_module)
+        return graph_module.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counting_backend))
+    yield compiled
+    torch._dynamo.reset()

@@ -12,20 +12,16 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from resexp import config as config_module
-from resexp.models import build_model
 from resexp.train import CHECKPOINT, GraphedTrainStep, TrainStep, autocast, learning_rate_tensor, make_optimizer, train
+from steps import LRS, SCHEDULE, batches, small_net, state
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-SCHEDULE = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=1e-4)  # the paper's SGD settings
-LRS = [0.1, 0.1, 0.01, 0.01, 0.001]  # a schedule with drops between steps
-BATCH = 16
 RESEXP = [sys.executable, "-m", "resexp"]  # works where the package was installed without its scripts
 # A short run on learnable generated data: long enough to learn, short enough for a GPU check.
 SHORT = ["data=synthetic", "data.train_size=2560", "data.test_size=512", "arch=resnet", "depth=8",
@@ -34,26 +30,6 @@ SHORT = ["data=synthetic", "data.train_size=2560", "data.test_size=512", "arch=r
 # bf16 and fp32 round differently and their paths part over hundreds of SGD steps; what must agree is
 # what the run learned: final errors within this many points of the fp32 eager run's.
 ERROR_TOLERANCE = 0.05
-
-
-def small_net(device="cpu"):
-    torch.manual_seed(0)
-    return build_model("resnet", 8, "A", num_classes=10).to(device, memory_format=torch.channels_last)
-
-
-def batches(count, device="cpu"):
-    generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 3, 32, 32, generator=generator).to(device).contiguous(memory_format=torch.channels_last),
-             torch.randint(0, 10, (BATCH,), generator=generator).to(device)) for _ in range(count)]
-
-
-def state(model, optimizer):
-    """Everything a step changes, as detached copies: parameters, buffers, momentum buffers."""
-    tensors = {f"model.{name}": t.detach().clone() for name, t in model.state_dict().items()}
-    for index, param in enumerate(model.parameters()):
-        for key, value in optimizer.state.get(param, {}).items():
-            tensors[f"optimizer.{index}.{key}"] = value.detach().clone()
-    return tensors
 
 
 def cuda_pair(precision, net=small_net):
@@ -122,16 +98,8 @@ def test_graphed_step_trains_fp16_eagerly(deterministic_cudnn):
         torch.testing.assert_close(graph_state[name], eager_state[name], msg=name)
 
 
-def test_a_compiled_graphed_net_compiles_once(deterministic_cudnn, monkeypatch):
+def test_a_compiled_graphed_net_compiles_once(deterministic_cudnn, counted_compiles):
     """Warm-up and capture run under the same autocast settings: one compile, not two."""
-    compiled = []
-
-    def counting_backend(graph_module, example_inputs):
-        compiled.append(graph_module)
-        return graph_module.forward
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting_backend))
     device = torch.device("cuda")
     torch._dynamo.reset()
     model = small_net(device)
@@ -142,15 +110,14 @@ def test_a_compiled_graphed_net_compiles_once(deterministic_cudnn, monkeypatch):
     for x, y in batches(6, "cuda"):
         step(x, y)
     assert step.graph is not None
-    assert len(compiled) == 1
+    assert len(counted_compiles) == 1
 
 
 # The capture fails in its own process: a failed capture must not harm what the process does next
 # (and, run here, it would harm the tests after it if it did).
 FAILED_CAPTURE_THEN_ANOTHER_NET = textwrap.dedent("""
     import json, sys, torch
-    from resexp.models import build_model
-    from resexp.train import GraphedTrainStep, TrainStep, autocast, learning_rate_tensor, make_optimizer
+        from resexp.train import GraphedTrainStep, TrainStep, autocast, learning_rate_tensor, make_optimizer
     device = torch.device("cuda")
     schedule = type("S", (), dict(lr=0.1, momentum=0.9, weight_decay=1e-4))
 

@@ -5,46 +5,22 @@ import io
 import subprocess
 import sysconfig
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from resexp import config as config_module
 from resexp.errors import UsageError
-from resexp.models import build_model
 from resexp.train import (GraphedTrainStep, TrainingSnapshot, TrainStep, autocast, learning_rate_tensor,
                           make_optimizer, reattach_lr, resolve_cuda_graph)
+from steps import LRS, SCHEDULE, batches, small_net, state
 
-SCHEDULE = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=1e-4)  # the paper's SGD settings
-LRS = [0.1, 0.1, 0.01, 0.01, 0.001]  # a schedule with drops between steps
-BATCH = 16
 RESEXP = Path(sysconfig.get_path("scripts")) / "resexp"
 CPU = torch.device("cpu")
 
 
-def small_net(device="cpu"):
-    torch.manual_seed(0)
-    return build_model("resnet", 8, "A", num_classes=10).to(device, memory_format=torch.channels_last)
-
-
-def batches(count, device="cpu"):
-    generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 3, 32, 32, generator=generator).to(device).contiguous(memory_format=torch.channels_last),
-             torch.randint(0, 10, (BATCH,), generator=generator).to(device)) for _ in range(count)]
-
-
 def eager(model, optimizer):
     return TrainStep(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), autocast(CPU, "fp32"))
-
-
-def state(model, optimizer):
-    """Everything a step changes, as detached copies: parameters, buffers, momentum buffers."""
-    tensors = {f"model.{name}": t.detach().clone() for name, t in model.state_dict().items()}
-    for index, param in enumerate(model.parameters()):
-        for key, value in optimizer.state.get(param, {}).items():
-            tensors[f"optimizer.{index}.{key}"] = value.detach().clone()
-    return tensors
 
 
 def assert_identical(a: dict, b: dict):
@@ -245,21 +221,6 @@ def test_resexp_train_refuses_a_bad_cuda_graph_setting_in_one_line(tmp_path, cli
 
 SMOKE = ["data=synthetic", "data.train_size=256", "data.test_size=64", "schedule=smoke", "schedule.iterations=6",
          "schedule.eval_every=3", "schedule.batch_size=32", "progress=false", "device=cpu"]
-
-
-@pytest.fixture
-def counted_compiles(monkeypatch):
-    """torch.compile with a backend that records each graph it is handed and runs it as it is."""
-    compiled = []
-
-    def counting_backend(graph_module, example_inputs):
-        compiled.append(graph_module)
-        return graph_module.forward
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counting_backend))
-    yield compiled
-    torch._dynamo.reset()
 
 
 def test_autocast_keeps_no_weight_cache():
