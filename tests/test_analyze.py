@@ -44,7 +44,7 @@ PAPER_PARAMETERS = {20: 269_722, 1202: 19_421_274}
 # A few steps more than schedule=smoke, so that the nets are better than chance.
 TINY_RUN = ["data=synthetic", "device=cpu", "schedule=smoke", "progress=false", "depth=8", "data.train_size=256",
             "data.test_size=100", "schedule.iterations=16", "schedule.eval_every=8", "schedule.checkpoint_every=16",
-            "schedule.milestones=[100]"]
+            "schedule.milestones=[]"]
 
 
 @pytest.fixture(autouse=True)

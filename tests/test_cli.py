@@ -125,6 +125,25 @@ def empty_cifar_root(inputs: Path) -> None:
     (inputs / "cifar").mkdir(parents=True)
 
 
+def a_file(inputs: Path) -> None:
+    inputs.mkdir(parents=True)
+    (inputs / "a-file").write_text("not a folder\n")
+
+
+def image_folder_with_link(target: str):
+    """An image folder whose train/cat/ holds one image and a link to ``target`` (a loop, or nothing)."""
+    def setup(inputs: Path) -> None:
+        from PIL import Image
+
+        for split in ("train", "test"):
+            folder = inputs / "links" / split / "cat"
+            folder.mkdir(parents=True)
+            Image.new("RGB", (32, 32), (40, 80, 120)).save(folder / "000.png")
+        link = inputs / "links" / "train" / "cat" / "001.png"
+        link.symlink_to(link if target == "itself" else inputs / "no-such-image.png")
+    return setup
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -174,6 +193,31 @@ CASES = [
     Case("cifar10-archive-missing",
          ("train", "data=cifar10", "data.root={inputs}/cifar", "data.download=false"),
          ("cifar-10-python.tar.gz", "{inputs}/cifar"), setup=empty_cifar_root),
+    # Values that a check's own message rejects, and values that used to end in a traceback.
+    Case("lr-infinite", ("train", "schedule.lr=inf"), ("schedule.lr", token("inf"))),
+    Case("residual-scale-infinite", ("train", "model.residual_scale=inf"), ("model.residual_scale", token("inf"))),
+    Case("milestones-repeated", ("train", "schedule.milestones=[4,4]"), ("schedule.milestones", "[4, 4]")),
+    Case("milestones-past-the-end", ("train", "schedule.milestones=[4,40]"), ("schedule.milestones", "40")),
+    Case("progress-maybe", ("train", "progress=maybe"), ("progress", "maybe")),
+    Case("seed-too-large", ("train", "seed=1180591620717411303424"), ("seed", "1180591620717411303424")),
+    Case("seed-removed", ("train", "~seed"), ("~seed",)),
+    Case("mlp-width-huge", ("train", "model.family=mlp", "model.width=1000000000"), ("model.width", "1000000000")),
+    Case("synthetic-set-huge", ("train", "data.train_size=100000000"), ("data.train_size=100000000",)),
+    Case("name-escapes-out", ("train", "name=../escaped"), ("name", "../escaped")),
+    Case("name-empty", ("train", "name="), ("name must be a folder name",)),
+    Case("out-empty", ("train", "out="), ("out must be",)),
+    Case("out-is-a-file", ("train", "out={inputs}/a-file"), ("{inputs}/a-file", "not a folder"), setup=a_file),
+    Case("imagefolder-link-loop", ("train", "data=imagefolder", "data.root={inputs}/links"),
+         ("{inputs}/links/train/cat/001.png",), setup=image_folder_with_link("itself")),
+    Case("imagefolder-dangling-link", ("train", "data=imagefolder", "data.root={inputs}/links"),
+         ("{inputs}/links/train/cat/001.png",), setup=image_folder_with_link("nothing")),
+    Case("bench-json-under-a-file", ("bench", "device=cpu", "json={inputs}/a-file/bench.json"),
+         ("{inputs}/a-file", "not a folder"), setup=a_file),
+    Case("sweep-empty-range", ("sweep", "seed=range(0,0)"), ("seed=range(0,0)",)),
+    # Refused before Hydra writes into the run folder: the finished run's records stay as they were.
+    Case("resume-with-another-lr", ("train", "schedule.lr=0.05"), ("another config", "schedule.lr")),
+    Case("another-depth-into-a-finished-run", ("train", "depth=14", "name=resnet-8-s0-smoke-synthetic"),
+         ("another config", "depth")),
 ]
 
 

@@ -176,6 +176,22 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, capsys):
     torch.load(cache, weights_only=True)  # rewritten and readable again
 
 
+def test_a_cache_whose_bytes_changed_is_not_used(tmp_path, capsys):
+    """Right key, right size, one pixel flipped: the checksum catches it and the images are decoded again."""
+    root = make_folder(tmp_path / "folder")
+    decoded = load_data("imagefolder", str(root))
+    cache = root / ".resexp-cache.pt"
+    saved = torch.load(cache, weights_only=True)
+    saved["train_images"][0, 0, 0, 0] ^= 0xFF
+    torch.save(saved, cache)
+    capsys.readouterr()
+
+    loaded = load_data("imagefolder", str(root))
+    assert torch.equal(loaded.train_images, decoded.train_images)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "checksum" in warnings[0] and str(cache) in warnings[0]
+
+
 def test_resize_true_resizes_larger_images(tmp_path):
     root = make_folder(tmp_path / "folder", size=40)
     loaded = load_data("imagefolder", str(root), resize=True)

@@ -136,3 +136,68 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     checkpoint = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
     assert checkpoint["iteration"] == cfg.schedule.checkpoint_every
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+# --- a real full disk, and two processes on one run ----------------------------------------------
+
+@pytest.fixture(params=["1m", "3m"], ids=["before-the-first-checkpoint", "at-the-second-checkpoint"])
+def small_disk(request, tmp_path):
+    """A tmpfs of 1 MB (no room for a ResNet-20 checkpoint) or 3 MB (room for one, not for the next
+    beside it). Mounting needs root, as CI has."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip() or 'mount failed'}); needs root")
+    yield disk, request.param
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(small_disk, cli_env):
+    disk, size = small_disk
+    overrides = ["depth=20", "data=synthetic", "schedule=smoke", "schedule.iterations=60", "schedule.eval_every=10",
+                 "schedule.checkpoint_every=20", "schedule.milestones=[]", "progress=false", "device=cpu",
+                 f"out={disk}", "name=run"]
+    done = subprocess.run([sys.executable, "-m", "resexp", "train", *overrides], env=cli_env, capture_output=True,
+                          text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and lines[-1].startswith("resexp: error: could not write"), done.stderr
+    run_dir = disk / "run"
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)  # no torn line
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "failed" and "could not write" in result["error"]  # not left "running"
+    if size == "3m":
+        assert "the previous checkpoint is intact" in lines[-1]
+        assert torch.load(run_dir / CHECKPOINT, weights_only=True)["iteration"] == 20
+    else:
+        assert "no checkpoint yet" in lines[-1] and not (run_dir / CHECKPOINT).exists()
+
+    plotted = subprocess.run([sys.executable, "-m", "resexp", "plot", str(run_dir)], env=cli_env,
+                             capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in plotted.stderr, plotted.stderr
+    assert plotted.returncode in (0, 2), plotted.stderr
+    if plotted.returncode == 2:
+        assert [line for line in plotted.stderr.splitlines() if line.strip()][-1].startswith("resexp: error:")
+
+
+def test_a_run_being_trained_by_another_process_is_refused_in_one_line(tmp_path, cli_env):
+    command = [sys.executable, "-m", "resexp", "train", "depth=8", "data=synthetic", "schedule=smoke",
+               "schedule.iterations=400", "schedule.eval_every=50", "schedule.checkpoint_every=50",
+               "schedule.milestones=[]", "progress=false", "device=cpu", f"out={tmp_path}", "name=run"]
+    first = subprocess.Popen(command, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "run" / train_module.LOCK
+    deadline = time.time() + 120
+    while not lock.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), "the first run never took its folder"
+    second = subprocess.run(command, env=cli_env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert f"being trained by process {first.pid}" in lines[0]
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    iterations = [json.loads(line)["iteration"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == list(range(50, 401, 50))  # every line once
+    assert not lock.exists()

@@ -220,6 +220,7 @@ def test_resexp_train_refuses_a_bad_cuda_graph_setting_in_one_line(tmp_path, cli
 # --- compiling once, and out of memory (the GPU's failure modes, on a CPU) ----------------------
 
 SMOKE = ["data=synthetic", "data.train_size=256", "data.test_size=64", "schedule=smoke", "schedule.iterations=6",
+         "schedule.milestones=[3]",
          "schedule.eval_every=3", "schedule.batch_size=32", "progress=false", "device=cpu"]
 
 

@@ -53,7 +53,7 @@ def test_composed_defaults_are_the_papers_recipe():
 
 def test_short_training_on_learnable_data_reduces_loss(tmp_path):
     cfg = compose("arch=resnet", "depth=8", "schedule.iterations=60", "schedule.eval_every=20",
-                  "schedule.milestones=[1000]", "schedule.checkpoint_every=60")
+                  "schedule.milestones=[]", "schedule.checkpoint_every=60")
     result = train(cfg, tmp_path / "run")
     evaluations = metrics(tmp_path / "run")
     assert [m["iteration"] for m in evaluations] == [20, 40, 60]
@@ -69,7 +69,7 @@ def test_short_training_on_learnable_data_reduces_loss(tmp_path):
 
 def test_warm_up_ends_when_training_error_drops_and_lr_goes_back(tmp_path):
     cfg = compose("depth=8", "schedule.warmup.min_depth=0", "schedule.warmup.until_train_error=0.95",
-                  "schedule.warmup.check_every=2", "schedule.eval_every=2", "schedule.milestones=[1000]")
+                  "schedule.warmup.check_every=2", "schedule.eval_every=2", "schedule.milestones=[]")
     train(cfg, tmp_path / "run")
     lrs = [m["lr"] for m in metrics(tmp_path / "run")]
     assert lrs[0] == pytest.approx(0.01)  # warming up
@@ -78,13 +78,13 @@ def test_warm_up_ends_when_training_error_drops_and_lr_goes_back(tmp_path):
 
 def test_warm_up_holds_while_training_error_stays_high(tmp_path):
     cfg = compose("depth=8", "schedule.warmup.min_depth=0", "schedule.warmup.until_train_error=0.0001",
-                  "schedule.warmup.check_every=2", "schedule.eval_every=2", "schedule.milestones=[1000]")
+                  "schedule.warmup.check_every=2", "schedule.eval_every=2", "schedule.milestones=[]")
     train(cfg, tmp_path / "run")
     assert all(m["lr"] == pytest.approx(0.01) for m in metrics(tmp_path / "run"))
 
 
 def test_no_warm_up_below_min_depth(tmp_path):
-    cfg = compose("depth=8", "schedule.eval_every=2", "schedule.milestones=[1000]")
+    cfg = compose("depth=8", "schedule.eval_every=2", "schedule.milestones=[]")
     train(cfg, tmp_path / "run")
     assert all(m["lr"] == pytest.approx(0.1) for m in metrics(tmp_path / "run"))
 

@@ -873,12 +873,15 @@ def format_memory_table(record: dict) -> str:
 
 
 def bench_command(args: list[str]) -> int:
-    from .files import atomic_write_json
+    from .files import atomic_write_json, unwritable_reason
 
     if any(arg in ("-h", "--help") for arg in args):
         print(USAGE)
         return 0
     settings = parse_arguments(args)
+    if settings.json and unwritable_reason(settings.json):
+        raise UsageError(f"json={settings.json} cannot be written: {unwritable_reason(settings.json)}; "
+                         "give a file path in a folder that exists or can be made")
     memory = settings.measure == "memory"
     record = run_memory(settings) if memory else run_bench(settings)
     path = Path(settings.json) if settings.json else default_json_path(

@@ -89,6 +89,9 @@ def train_app(cfg: DictConfig) -> None:
     except UsageError as error:
         remove_if_unused(run_dir)
         exit_with(error)
+    except OSError as error:  # a full disk while writing a record: the last checkpoint is intact
+        exit_with(UsageError(f"{run_dir.name}: could not write {error.filename or 'a file'} "
+                             f"({error.strerror or error}); free some space and run the same command to resume"))
     except RunInterrupted as interrupt:
         print(f"{run_dir.name}: interrupted at a checkpoint; run the same command to resume", file=sys.stderr)
         raise SystemExit(interrupt.exit_code)
@@ -139,6 +142,10 @@ def train_command(args: list[str]) -> int:
         cfg = config_module.compose(overrides + extra_search_path(flags))
         config_module.check(cfg)
         check_device(cfg.device)
+        # Before Hydra writes its records into the run folder: a refused command changes nothing there.
+        from .train import check_resumable
+
+        check_resumable(cfg, Path(cfg.out) / cfg.name)
     run_hydra_app(train_app, args)
     return 0
 
@@ -223,6 +230,10 @@ def draw_figures(folder: Path) -> None:
     except UsageError as error:
         print(f"resexp: no figures: {error}", file=sys.stderr)
         return
+    except OSError as error:  # a full disk: the runs' own records are whole; the figures can be drawn later
+        print(f"resexp: no figures: could not write them into {folder} ({error.strerror or error}); "
+              f"free some space, then: resexp plot {folder}", file=sys.stderr)
+        return
     print("figures: " + ", ".join(str(Path(f)) for f in drawn["files"]))
 
 
@@ -238,7 +249,11 @@ def plot_command(args: list[str]) -> int:
     folder = Path(args[0])
     if not folder.is_dir():
         raise UsageError(f"folder {folder} does not exist")
-    drawn = render_all(folder)
+    try:
+        drawn = render_all(folder)
+    except OSError as error:
+        raise UsageError(f"could not write the figures into {folder} ({error.strerror or error}); "
+                         "free some space and run the same command") from error
     print("figures: " + ", ".join(str(Path(f)) for f in drawn["files"]))
     return 0
 

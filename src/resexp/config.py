@@ -8,12 +8,14 @@ folder however its overrides were typed.
 
 from __future__ import annotations
 
+import math
 import re
 from numbers import Integral, Real
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UsageError
+from .files import unusable_folder_reason
 from .models import ARCHS, BLOCKS, FAMILIES, SHORTCUTS, blocks_per_stage, check_mlp_depth
 
 CONFIG_MODULE = "resexp.conf"
@@ -22,6 +24,18 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # The paper's net; a single run's folder name lists the model options that differ from it.
 MODEL_DEFAULTS = {"shortcut": "A", "block": "basic", "residual_scale": 1.0, "family": "cifar", "width": 256}
+SEED_LIMIT = 2**32  # numpy's and most tools' seed range; torch takes no seed of 2**64 or more
+MAX_MLP_WIDTH = 16_384  # a 16k x 16k dense layer is 268 M weights: wider nets do not fit in memory
+MAX_SYNTHETIC_IMAGES = 1_000_000  # 3 GB of generated images
+# Keys every job config must have (``~seed`` on the command line deletes one).
+REQUIRED_KEYS = ("arch", "depth", "seed", "device", "precision", "resume", "compile", "out", "name", "progress",
+                 "model.shortcut", "model.block", "model.residual_scale", "model.family", "model.width",
+                 "schedule.iterations", "schedule.batch_size", "schedule.eval_every", "schedule.checkpoint_every",
+                 "schedule.eval_batch_size", "schedule.lr", "schedule.gamma", "schedule.momentum",
+                 "schedule.weight_decay", "schedule.milestones", "schedule.warmup.lr",
+                 "schedule.warmup.until_train_error", "schedule.warmup.min_depth", "schedule.warmup.check_every",
+                 "data.name", "data.root", "data.train_size", "data.test_size", "data.val_size", "data.resize",
+                 "data.augment.padding", "data.augment.flip")
 # Keys that may differ when a run resumes: where results go and how they are shown,
 # not what is trained.
 RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "compile", "cuda_graph", "sweep",
@@ -127,6 +141,14 @@ def _is_number(value) -> bool:
 def problems(cfg: DictConfig) -> list[str]:
     """Every invalid value in a job config, one line each (empty when all is well)."""
     found: list[str] = []
+    absent = object()
+    removed = [key for key in REQUIRED_KEYS
+               if OmegaConf.select(cfg, key, default=absent, throw_on_resolution_failure=False) is absent]
+    if len(removed) > 1 and "name" in removed:
+        removed.remove("name")  # the default name is made from the other keys: it fails with them
+    if removed:  # the checks below read these keys
+        return [f"{key} must be set (it cannot be removed with ~{key}); leave it out to get its default"
+                for key in removed]
 
     def need(ok: bool, key: str, allowed: str) -> None:
         if not ok:
@@ -145,7 +167,7 @@ def problems(cfg: DictConfig) -> list[str]:
 
     def number(key: str, low: float, high: float, allowed: str) -> None:
         value = OmegaConf.select(cfg, key)
-        need(_is_number(value) and low <= value <= high, key, allowed)
+        need(_is_number(value) and math.isfinite(value) and low <= value <= high, key, allowed)
 
     one_of("arch", ARCHS)
     one_of("model.family", FAMILIES)
@@ -160,8 +182,18 @@ def problems(cfg: DictConfig) -> list[str]:
     one_of("model.shortcut", SHORTCUTS)
     one_of("model.block", BLOCKS)
     number("model.residual_scale", -float("inf"), float("inf"), "a finite number")
-    positive_int("model.width")
-    need(_is_int(cfg.seed) and cfg.seed >= 0, "seed", "a non-negative integer")
+    width = cfg.model.width
+    need(_is_int(width) and 0 < width <= MAX_MLP_WIDTH, "model.width", f"a positive integer up to {MAX_MLP_WIDTH}")
+    need(_is_int(cfg.seed) and 0 <= cfg.seed < SEED_LIMIT, "seed", f"an integer from 0 to {SEED_LIMIT - 1}")
+    need(isinstance(cfg.progress, bool), "progress", "true or false")
+    name, out = cfg.name, cfg.out
+    need(isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name, "name",
+         "a folder name: one path component, not empty, . or .. (the run goes into out/name)")
+    need(isinstance(out, str) and out.strip() != "", "out", "the folder that results go into (not empty)")
+    if isinstance(out, str) and out.strip():
+        reason = unusable_folder_reason(out)
+        if reason:
+            found.append(f"out={out} cannot hold results: {reason}; give a folder for the results")
     one_of("device", DEVICES)
     one_of("precision", PRECISIONS)
     need(isinstance(cfg.resume, bool), "resume", "true or false")
@@ -181,12 +213,15 @@ def problems(cfg: DictConfig) -> list[str]:
     number("schedule.momentum", 0.0, 0.999999, "a number in [0, 1)")
     number("schedule.weight_decay", 0.0, float("inf"), "a non-negative number")
     milestones = cfg.schedule.milestones
+    iterations = cfg.schedule.iterations
     need(
         isinstance(milestones, ListConfig)
         and all(_is_int(m) and m > 0 for m in milestones)
-        and list(milestones) == sorted(milestones),
+        and all(a < b for a, b in zip(milestones, list(milestones)[1:]))
+        and (not _is_int(iterations) or all(_is_int(m) and m < iterations for m in milestones)),
         "schedule.milestones",
-        "a list of increasing positive iteration numbers, e.g. [32000,48000]",
+        f"a list of strictly increasing iteration numbers below schedule.iterations ({iterations}), "
+        "e.g. [32000,48000], or [] for no drop",
     )
     number("schedule.warmup.lr", 1e-12, float("inf"), "a positive number")
     number("schedule.warmup.until_train_error", 1e-12, 1.0, "a fraction in (0, 1]")
@@ -198,6 +233,11 @@ def problems(cfg: DictConfig) -> list[str]:
     one_of("data.name", DATA_NAMES)
     for key in ("train_size", "test_size", "val_size"):
         optional_positive_int(f"data.{key}")
+    if cfg.data.name == "synthetic":  # generated: the sizes are what is made, not a subset of what exists
+        sizes = [cfg.data.train_size, cfg.data.test_size]
+        if all(_is_int(size) for size in sizes) and sum(sizes) > MAX_SYNTHETIC_IMAGES:
+            found.append(f"data.train_size={sizes[0]} and data.test_size={sizes[1]} with data=synthetic make "
+                         f"{sum(sizes)} images; make at most {MAX_SYNTHETIC_IMAGES} (3 GB)")
     padding = cfg.data.augment.padding
     need(_is_int(padding) and 0 <= padding <= 16, "data.augment.padding", "an integer from 0 to 16")
     need(isinstance(cfg.data.augment.flip, bool), "data.augment.flip", "true or false")

@@ -224,7 +224,11 @@ def _visible_files(folder: str) -> list[_FileEntry]:
                 if not entry.is_symlink():  # like os.walk: never follow links into folders (no cycles)
                     found += _visible_files(entry.path)
                 continue
-            stat = entry.stat()
+            try:
+                stat = entry.stat()
+            except OSError as error:  # a dangling link, or one that loops back on itself
+                raise UsageError(f"{entry.path!r} cannot be read ({error.strerror}): a broken or looping link? "
+                                 "remove it, or point it at an image") from error
             found.append(_FileEntry(entry.path, stat.st_size, stat.st_mtime_ns))
     return found
 
@@ -322,14 +326,28 @@ def _read_cache(root: Path, key: str) -> ImageData | None:
         except Exception as error:  # a damaged cache only costs a re-decode
             print(f"warning: ignoring unreadable image cache {str(path)!r} ({_short_reason(error)})", file=sys.stderr)
             continue
-        if stored_key == key:
-            return data
+        if stored_key != key:
+            continue
+        if saved.get("digest") != _content_digest(data):  # bytes changed on disk since it was written
+            print(f"warning: ignoring damaged image cache {str(path)!r} (its content does not match its checksum); "
+                  "decoding the images again", file=sys.stderr)
+            continue
+        return data
     return None
+
+
+def _content_digest(data: ImageData) -> str:
+    """SHA-256 of every image and label: a cache with flipped bytes would silently change results."""
+    digest = hashlib.sha256()
+    for tensor in (data.train_images, data.train_labels, data.test_images, data.test_labels):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _write_cache(root: Path, key: str, data: ImageData) -> None:
     payload = {
         "key": key,
+        "digest": _content_digest(data),
         "train_images": data.train_images,
         "train_labels": data.train_labels,
         "test_images": data.test_images,

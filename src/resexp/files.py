@@ -49,6 +49,25 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def unusable_folder_reason(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into ``folder`` (made if need be), or None: a file where a folder must be,
+    or a folder that cannot be written. Checked before long work whose results go there."""
+    for path in (Path(folder), *Path(folder).parents):
+        if path.exists():
+            if not path.is_dir():
+                return f"{path} is a file, not a folder"
+            if not os.access(path, os.W_OK | os.X_OK):
+                return f"{path} is not writable"
+            return None
+    return None
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why a file cannot be written at ``path``, or None."""
+    path = Path(path)
+    return f"{path} is a folder" if path.is_dir() else unusable_folder_reason(path.parent)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
@@ -59,11 +78,24 @@ def _jsonl_line(record: dict) -> str:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line and push it to disk (a run's metrics survive a crash)."""
-    with open(path, "a") as f:
-        f.write(_jsonl_line(record))
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one JSON line and push it to disk (a run's metrics survive a crash).
+
+    If the line cannot be written whole (a full disk), the file is cut back to what it held,
+    so no torn line is left in it.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        line = memoryview(_jsonl_line(record).encode())
+        try:
+            while line:
+                line = line[os.write(fd, line):]
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:

@@ -96,6 +96,9 @@ def expand_grid(default_params: dict, arguments: list[str], exclude: list[dict])
             values = list(override.sweep_string_iterator())
         else:
             values = [override.get_value_element_as_str()]
+        if not values:
+            raise UsageError(f"{override.input_line} gives no values, so the sweep has no runs; "
+                             "give at least one value")
         axes.append((key, values))
 
     jobs = []
@@ -107,12 +110,20 @@ def expand_grid(default_params: dict, arguments: list[str], exclude: list[dict])
     swept = sorted({key.lstrip("+~") for key, values in axes
                     if len({dict(item.split("=", 1) for item in job)[key] for job in jobs}) > 1})
     if not jobs:
-        raise UsageError("the sweep has no runs left after its exclusions")
+        raise UsageError("the sweep has no runs left after its exclusions "
+                         f"({'; '.join(str(rule) for rule in exclude)}); sweep more values")
     return jobs, swept
 
 
-def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[str]], DictConfig]):
-    """Check every job's config and name its run folder; one error lists every bad value."""
+def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[str]], DictConfig],
+              sweep_dir: Path | None = None):
+    """Check every job's config and name its run folder; one error lists every bad value.
+
+    With ``sweep_dir``, a run folder that already holds a run of another config (or one that another
+    process is training) is refused here too, before anything is written into it.
+    """
+    from .train import check_resumable
+
     found: list[str] = []
     planned = []
     extra = [f"sweep.keys=[{','.join(swept)}]", f"sweep.size={len(jobs)}"]
@@ -128,11 +139,19 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
             continue
         problems = config_module.problems(cfg)
         found += problems
-        if not problems:
-            planned.append({"run": config_module.run_name(cfg), "overrides": overrides})
+        if problems:
+            continue
+        run = config_module.run_name(cfg)
+        if sweep_dir is not None and (sweep_dir / run).is_dir():
+            try:
+                check_resumable(cfg, sweep_dir / run)
+            except UsageError as error:
+                found.append(str(error))
+                continue
+        planned.append({"run": run, "overrides": overrides})
     if found:
         unique = list(dict.fromkeys(found))
-        raise UsageError(f"the sweep has {len(unique)} invalid value(s), nothing was run: " + "; ".join(unique))
+        raise UsageError(f"the sweep has {len(unique)} problem(s), nothing was run: " + "; ".join(unique))
     names = [job["run"] for job in planned]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
@@ -160,7 +179,7 @@ def run_job(cfg: DictConfig, run_dir, job_number: int | None = None) -> dict:
     Anything that goes wrong is recorded in the run's result.json (and error.txt for a crash),
     so that one failing job never stops the sweep.
     """
-    from .train import RESULT, train
+    from .train import RESULT, RunInUse, train
 
     run_dir = Path(run_dir)
     total = cfg.sweep.size
@@ -169,6 +188,9 @@ def run_job(cfg: DictConfig, run_dir, job_number: int | None = None) -> dict:
               file=sys.stderr, flush=True)
     try:
         return train(cfg, run_dir)
+    except RunInUse as error:  # its records belong to the process training it: leave them alone
+        print(f"{run_dir.name}: not trained: {error}", file=sys.stderr, flush=True)
+        return {"run_name": run_dir.name, "status": "in use", "error": str(error), "outcome": "failed"}
     except UsageError as error:
         message = str(error)
     except Exception as error:  # any other crash: keep the traceback beside the run, go on with the sweep

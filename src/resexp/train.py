@@ -24,6 +24,7 @@ A run folder holds:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -49,6 +50,7 @@ from .signals import RunInterrupted, StopSignals
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
+LOCK = "run.lock"  # who is training the run now: process id and host
 CHECKPOINT_FORMAT = 1
 
 
@@ -563,13 +565,92 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Write the checkpoint atomically; a full disk leaves the previous one intact, and says so."""
+    """Write the checkpoint atomically; a full disk leaves the previous one intact, and says so.
+
+    torch.save reports a failed write (a full disk) as a RuntimeError from its zip writer, not an OSError.
+    """
     try:
         atomic_write(path, lambda f: torch.save(checkpoint, f))
-    except OSError as error:  # e.g. a full disk: the temporary file is gone, the old checkpoint intact
+    except (OSError, RuntimeError) as error:  # the temporary file is gone, the old checkpoint intact
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error_line(error)
         kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint yet"
-        raise UsageError(f"could not write {path} ({error.strerror or error}); {kept}; "
+        raise UsageError(f"could not write {path} ({reason}); {kept}; "
                          "free some space and run the same command to resume") from error
+
+
+class RunInUse(UsageError):
+    """Another live process is training this run folder."""
+
+
+def lock_holder(run_dir: Path) -> dict | None:
+    """Who holds the run folder's lock, if that process is alive (or on another host, where it cannot be told)."""
+    try:
+        holder = read_json(run_dir / LOCK)
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if host != socket.gethostname():
+        return holder
+    if pid == os.getpid():
+        return None  # left by this process (an earlier run of an in-process sweep that crashed)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return holder
+
+
+def check_not_in_use(run_dir: Path) -> None:
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise RunInUse(f"run folder {run_dir} is being trained by process {holder['pid']} on {holder['host']} "
+                       f"(since {holder.get('since', '?')}): is the same command already running? Wait for it or "
+                       f"stop it; if that process is gone (a job killed on another machine), delete {run_dir / LOCK}")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder for this process while it trains: two processes never train one run."""
+    path = run_dir / LOCK
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            check_not_in_use(run_dir)
+            path.unlink(missing_ok=True)  # its process is gone
+            continue
+        with os.fdopen(fd, "w") as lock:
+            lock.write(json.dumps(mine))
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def check_resumable(cfg: DictConfig, run_dir: Path, config: dict | None = None) -> dict | None:
+    """The run folder's checkpoint, if any, after checking that it was made under the same config.
+
+    ``resexp train`` asks before Hydra writes anything into the folder, so a refused command changes
+    nothing in it; ``train`` asks again as it opens the run.
+    """
+    check_not_in_use(run_dir)
+    path = run_dir / CHECKPOINT
+    if not cfg.resume or not path.exists():
+        return None
+    checkpoint = load_checkpoint(path)
+    if config is None:
+        config = OmegaConf.to_container(cfg, resolve=False)
+        config.pop("hydra", None)  # a sweep's job config still holds Hydra's own settings
+        config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    differences = config_module.config_differences(checkpoint["config"], config)
+    if differences:
+        raise UsageError(f"run folder {run_dir} holds a run with another config ({'; '.join(differences[:3])}); "
+                         "choose another name=..., or resume=false to start it over")
+    return checkpoint
 
 
 def existing_result(run_dir: Path) -> dict | None:
@@ -672,21 +753,22 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
     raises ``RunInterrupted``.
     """
     config_module.check(cfg)
-    schedule = cfg.schedule
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        return train_locked(cfg, run_dir, stop_after)
+
+
+def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict:
+    """``train``, in a run folder that this process holds."""
+    schedule = cfg.schedule
     config = OmegaConf.to_container(cfg, resolve=True)
 
     # What the folder holds: a finished run is skipped; a checkpoint resumes only under the same config.
     if not cfg.resume:
         start_over(run_dir)
     previous = existing_result(run_dir)
-    checkpoint = load_checkpoint(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).exists() else None
-    if checkpoint is not None:
-        differences = config_module.config_differences(checkpoint["config"], config)
-        if differences:
-            raise UsageError(f"run folder {run_dir} holds a run with another config ({'; '.join(differences[:3])}); "
-                             "choose another name=..., or resume=false to start it over")
+    checkpoint = check_resumable(cfg, run_dir, config)
     if previous and previous.get("status") in ("done", "diverged") and \
             (checkpoint is None or previous.get("iterations_done") == checkpoint["iteration"]):
         return {**previous, "outcome": "skipped"}  # a diverged run would diverge again

@@ -39,7 +39,7 @@ class ResexpSweeper(BasicSweeper):
 
         try:
             jobs, swept = resexp_sweep.expand_grid(dict(self.params or {}), arguments, self.exclude)
-            planned = resexp_sweep.plan_jobs(jobs, swept, compose)
+            planned = resexp_sweep.plan_jobs(jobs, swept, compose, Path(self.config.hydra.sweep.dir))
         except UsageError as error:
             exit_with(error)
 
