@@ -75,7 +75,9 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int] | None]:
         return found
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder).as_posix()
-        if path.is_dir():
+        if path.is_symlink():  # recorded as where it points: a link may loop or lead nowhere
+            found[relative] = (os.readlink(path).encode(), path.lstat().st_mtime_ns)
+        elif path.is_dir():
             found[relative + "/"] = None
         else:
             found[relative] = (path.read_bytes(), path.stat().st_mtime_ns)

@@ -8,6 +8,7 @@ mistake is one line on stderr with exit code 2 instead of a traceback.
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -89,9 +90,10 @@ def train_app(cfg: DictConfig) -> None:
     except UsageError as error:
         remove_if_unused(run_dir)
         exit_with(error)
-    except OSError as error:  # a full disk while writing a record: the last checkpoint is intact
-        exit_with(UsageError(f"{run_dir.name}: could not write {error.filename or 'a file'} "
-                             f"({error.strerror or error}); free some space and run the same command to resume"))
+    except OSError as error:  # a full disk while writing a record (the last checkpoint is intact), say
+        remove_if_unused(run_dir)
+        advice = "; free some space and run the same command to resume" if error.errno == errno.ENOSPC else ""
+        exit_with(UsageError(f"{run_dir.name}: {error.filename or 'a file'}: {error.strerror or error}{advice}"))
     except RunInterrupted as interrupt:
         print(f"{run_dir.name}: interrupted at a checkpoint; run the same command to resume", file=sys.stderr)
         raise SystemExit(interrupt.exit_code)

@@ -220,11 +220,11 @@ def _visible_files(folder: str) -> list[_FileEntry]:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():
-                if not entry.is_symlink():  # like os.walk: never follow links into folders (no cycles)
-                    found += _visible_files(entry.path)
-                continue
             try:
+                if entry.is_dir():
+                    if not entry.is_symlink():  # like os.walk: never follow links into folders (no cycles)
+                        found += _visible_files(entry.path)
+                    continue
                 stat = entry.stat()
             except OSError as error:  # a dangling link, or one that loops back on itself
                 raise UsageError(f"{entry.path!r} cannot be read ({error.strerror}): a broken or looping link? "
