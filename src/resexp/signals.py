@@ -3,13 +3,23 @@
 SIGINT (Ctrl-C) and SIGTERM (``kill``, ``scancel``) ask a run to stop at its next step
 boundary; SIGUSR2 is the warning a SLURM job gets before its time limit or on preemption
 (submitit's ``--signal=USR2@...``), after which the job is requeued.
+
+A preempted SLURM job gets SIGTERM and then SIGUSR2 (submitit's ``SlurmJob._interrupt`` sends
+that pair): in a SLURM job the SIGUSR2 that follows a SIGTERM turns the stop into a requeue.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
+import time
+
+# How long a SLURM job that got SIGTERM waits, checkpoint saved, for the SIGUSR2 that says it is
+# preempted rather than cancelled. Well below SLURM's KillWait (30 s by default), after which
+# SIGKILL follows the SIGTERM.
+PREEMPTION_SIGNAL_WAIT_S = 5.0
 
 
 class RunInterrupted(BaseException):
@@ -25,7 +35,8 @@ class RunInterrupted(BaseException):
 
 
 class StopSignals:
-    """SIGINT/SIGTERM/SIGUSR2 set a flag the loop checks after each step; a second signal stops at once.
+    """SIGINT/SIGTERM/SIGUSR2 set a flag the loop checks after each step; a second signal stops at once
+    (except SIGUSR2 after SIGTERM in a SLURM job: preemption, checkpoint and requeue).
 
     SIGUSR2 is the warning a SLURM job gets before its time limit or on preemption (submitit's
     ``--signal=USR2@...``). In a submitit job, submitit's own SIGUSR2 handler requeues the job:
@@ -43,6 +54,11 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
+        if self.received == signal.SIGTERM and signum == signal.SIGUSR2 and in_slurm_job():
+            self.received = signum  # preempted: the pending stop becomes a requeue
+            print("SIGUSR2 after SIGTERM: preempted; the job is requeued once the checkpoint is saved",
+                  file=sys.stderr)
+            return
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
@@ -50,7 +66,15 @@ class StopSignals:
               "(press Ctrl-C again to stop at once)", file=sys.stderr)
 
     def hand_over(self) -> None:
-        """Give SIGUSR2 to the handler it displaced, if any (submitit's: requeue the job and exit)."""
+        """Give SIGUSR2 to the handler it displaced, if any (submitit's: requeue the job and exit).
+
+        In a SLURM job, SIGTERM alone is a cancellation or ``scontrol requeue``, and SIGTERM then
+        SIGUSR2 a preemption: wait a little for the SIGUSR2 before taking it as the former.
+        """
+        if self.received == signal.SIGTERM and in_slurm_job():
+            deadline = time.monotonic() + PREEMPTION_SIGNAL_WAIT_S
+            while self.received == signal.SIGTERM and time.monotonic() < deadline:
+                time.sleep(0.05)
         previous = self._previous.get(self.received)
         if self.received == signal.SIGUSR2 and callable(previous):
             previous(self.received, None)
@@ -59,6 +83,10 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         return False
+
+
+def in_slurm_job() -> bool:
+    return "SLURM_JOB_ID" in os.environ
 
 
 def threading_is_main() -> bool:
