@@ -17,6 +17,8 @@ instead, which runs several at once on this machine, one process and one GPU eac
 one process (``resexp.fused``).
 """
 
+import contextlib
+import io
 import subprocess
 import sys
 import time
@@ -64,12 +66,16 @@ class ResexpSweeper(BasicSweeper):
             to_submit = [number for number in range(len(planned)) if number not in finished]
             submitted = {}
             if to_submit:
+                # submitit prints sbatch's complaint before raising it: keep it for the one-line error.
+                complaint = io.StringIO()
                 try:
-                    # One job array (launcher.array_parallelism caps how many run at once).
-                    jobs = submit_to_submitit(self.launcher, [job_overrides[n] for n in to_submit])
+                    with contextlib.redirect_stderr(complaint):
+                        # One job array (launcher.array_parallelism caps how many run at once).
+                        jobs = submit_to_submitit(self.launcher, [job_overrides[n] for n in to_submit])
                 except Exception as error:  # sbatch refused the jobs: nothing was submitted
                     forget_sweep(sweep_dir, new_folder, previous_record)
                     exit_with(UsageError(f"the cluster refused the jobs: {refusal_line(error)}"))
+                sys.stderr.write(complaint.getvalue())
                 submitted = dict(zip(to_submit, jobs))
             else:
                 print(f"all {len(planned)} runs are finished; no job submitted", file=sys.stderr, flush=True)
