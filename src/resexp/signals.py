@@ -77,11 +77,17 @@ class StopSignals:
                 time.sleep(0.05)
         previous = self._previous.get(self.received)
         if self.received == signal.SIGUSR2 and callable(previous):
+            # The checkpoint is saved: signals from here on (the SIGTERM that ``scontrol requeue``
+            # sends this job) go to the handlers this one displaced, not to "second signal: stop now".
+            self._restore()
             previous(self.received, None)
 
-    def __exit__(self, *exc):
+    def _restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+    def __exit__(self, *exc):
+        self._restore()
         return False
 
 
