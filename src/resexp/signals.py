@@ -5,7 +5,7 @@ boundary; SIGUSR2 is the warning a SLURM job gets before its time limit or on pr
 (submitit's ``--signal=USR2@...``), after which the job is requeued.
 
 A preempted SLURM job gets SIGTERM and then SIGUSR2 (submitit's ``SlurmJob._interrupt`` sends
-that pair): in a SLURM job the SIGUSR2 that follows a SIGTERM turns the stop into a requeue.
+that pair): in a SLURM job, SIGTERM together with SIGUSR2 turns the stop into a requeue.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.received == signal.SIGTERM and signum == signal.SIGUSR2 and in_slurm_job():
-            self.received = signum  # preempted: the pending stop becomes a requeue
+        # Python runs pending handlers in signal-number order, so the pair can come in either order.
+        if {self.received, signum} == {signal.SIGTERM, signal.SIGUSR2} and in_slurm_job():
+            self.received = signal.SIGUSR2  # preempted: the pending stop becomes a requeue
             print("SIGUSR2 after SIGTERM: preempted; the job is requeued once the checkpoint is saved",
                   file=sys.stderr)
             return
