@@ -36,7 +36,7 @@ class RunInterrupted(BaseException):
 
 class StopSignals:
     """SIGINT/SIGTERM/SIGUSR2 set a flag the loop checks after each step; a second signal stops at once
-    (except SIGUSR2 after SIGTERM in a SLURM job: preemption, checkpoint and requeue).
+    (except SIGTERM and SIGUSR2 together in a SLURM job: preemption, checkpoint and requeue).
 
     SIGUSR2 is the warning a SLURM job gets before its time limit or on preemption (submitit's
     ``--signal=USR2@...``). In a submitit job, submitit's own SIGUSR2 handler requeues the job:
@@ -57,7 +57,7 @@ class StopSignals:
         # Python runs pending handlers in signal-number order, so the pair can come in either order.
         if {self.received, signum} == {signal.SIGTERM, signal.SIGUSR2} and in_slurm_job():
             self.received = signal.SIGUSR2  # preempted: the pending stop becomes a requeue
-            print("SIGUSR2 after SIGTERM: preempted; the job is requeued once the checkpoint is saved",
+            print("SIGTERM and SIGUSR2: preempted; the job is requeued once the checkpoint is saved",
                   file=sys.stderr)
             return
         if self.received is not None:
