@@ -9,6 +9,7 @@ mistake is one line on stderr with exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -158,8 +159,18 @@ def train_command(args: list[str]) -> int:
 def sweep_app(cfg: DictConfig) -> dict:
     from .sweep import run_job
 
+    from .signals import RunInterrupted
+
     hydra_cfg = HydraConfig.get()
-    return run_job(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.job.num)
+    try:
+        return run_job(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.job.num)
+    except RunInterrupted as interrupt:
+        if "SUBMITIT_EXECUTOR" not in os.environ:
+            raise  # stops the whole local sweep
+        # A submitit job stopped by a signal, its checkpoint saved: an expected end, no traceback.
+        print(f"{Path(hydra_cfg.runtime.output_dir).name}: stopped by {interrupt}; checkpoint saved",
+              file=sys.stderr, flush=True)
+        raise SystemExit(interrupt.exit_code)
 
 
 def register_sweeper() -> None:

@@ -3,13 +3,23 @@
 SIGINT (Ctrl-C) and SIGTERM (``kill``, ``scancel``) ask a run to stop at its next step
 boundary; SIGUSR2 is the warning a SLURM job gets before its time limit or on preemption
 (submitit's ``--signal=USR2@...``), after which the job is requeued.
+
+A preempted SLURM job gets SIGTERM and then SIGUSR2 (submitit's ``SlurmJob._interrupt`` sends
+that pair): in a SLURM job, SIGTERM together with SIGUSR2 turns the stop into a requeue.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
+import time
+
+# How long a SLURM job that got SIGTERM waits, checkpoint saved, for the SIGUSR2 that says it is
+# preempted rather than cancelled. Well below SLURM's KillWait (30 s by default), after which
+# SIGKILL follows the SIGTERM.
+PREEMPTION_SIGNAL_WAIT_S = 5.0
 
 
 class RunInterrupted(BaseException):
@@ -25,7 +35,8 @@ class RunInterrupted(BaseException):
 
 
 class StopSignals:
-    """SIGINT/SIGTERM/SIGUSR2 set a flag the loop checks after each step; a second signal stops at once.
+    """SIGINT/SIGTERM/SIGUSR2 set a flag the loop checks after each step; a second signal stops at once
+    (except SIGTERM and SIGUSR2 together in a SLURM job: preemption, checkpoint and requeue).
 
     SIGUSR2 is the warning a SLURM job gets before its time limit or on preemption (submitit's
     ``--signal=USR2@...``). In a submitit job, submitit's own SIGUSR2 handler requeues the job:
@@ -43,6 +54,12 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
+        # Python runs pending handlers in signal-number order, so the pair can come in either order.
+        if {self.received, signum} == {signal.SIGTERM, signal.SIGUSR2} and in_slurm_job():
+            self.received = signal.SIGUSR2  # preempted: the pending stop becomes a requeue
+            print("SIGTERM and SIGUSR2: preempted; the job is requeued once the checkpoint is saved",
+                  file=sys.stderr)
+            return
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
@@ -50,15 +67,33 @@ class StopSignals:
               "(press Ctrl-C again to stop at once)", file=sys.stderr)
 
     def hand_over(self) -> None:
-        """Give SIGUSR2 to the handler it displaced, if any (submitit's: requeue the job and exit)."""
+        """Give SIGUSR2 to the handler it displaced, if any (submitit's: requeue the job and exit).
+
+        In a SLURM job, SIGTERM alone is a cancellation or ``scontrol requeue``, and SIGTERM then
+        SIGUSR2 a preemption: wait a little for the SIGUSR2 before taking it as the former.
+        """
+        if self.received == signal.SIGTERM and in_slurm_job():
+            deadline = time.monotonic() + PREEMPTION_SIGNAL_WAIT_S
+            while self.received == signal.SIGTERM and time.monotonic() < deadline:
+                time.sleep(0.05)
         previous = self._previous.get(self.received)
         if self.received == signal.SIGUSR2 and callable(previous):
+            # The checkpoint is saved: signals from here on (the SIGTERM that ``scontrol requeue``
+            # sends this job) go to the handlers this one displaced, not to "second signal: stop now".
+            self._restore()
             previous(self.received, None)
 
-    def __exit__(self, *exc):
+    def _restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+    def __exit__(self, *exc):
+        self._restore()
         return False
+
+
+def in_slurm_job() -> bool:
+    return "SLURM_JOB_ID" in os.environ
 
 
 def threading_is_main() -> bool:

@@ -120,6 +120,12 @@ def run_status(run_dir: Path, planned: dict | None = None, now: float | None = N
         status.error = f"loss not finite at iteration {result.get('diverged_at')}"
     if status.state != "running":
         return status
+    if planned.get("outcome") == "failed":
+        # The sweep saw the job end without the run finishing (killed, cancelled, out of requeues).
+        recorded = planned.get("result") or {}
+        status.state = "failed"
+        status.error = recorded.get("error") or "its job ended before the run finished"
+        return status
 
     # Running: result.json is only rewritten at the start and the end, so progress comes
     # from the metrics the run appends at every evaluation.

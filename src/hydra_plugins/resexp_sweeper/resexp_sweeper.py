@@ -15,12 +15,16 @@ With ``gpus=...`` (``sweep.gpus``) and the local launcher, the jobs go to ``rese
 instead, which runs several at once on this machine, one process and one GPU each.
 """
 
+import contextlib
+import io
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, List
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 
 class ResexpSweeper(BasicSweeper):
@@ -45,6 +49,8 @@ class ResexpSweeper(BasicSweeper):
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         print(f"sweep folder: {sweep_dir} ({len(planned)} runs)", file=sys.stderr, flush=True)
+        previous_record = resexp_sweep.read_sweep_record(sweep_dir) if sweep_dir.exists() else None
+        new_folder = not sweep_dir.exists()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         record = {"name": sweep_dir.name, "arguments": list(arguments), "swept": swept, "runs": planned}
@@ -52,24 +58,46 @@ class ResexpSweeper(BasicSweeper):
         job_overrides = [job["overrides"] for job in planned]
 
         if is_submitit_launcher(self.launcher):
-            # One job array for the whole grid (launcher.array_parallelism caps how many run at once).
-            submitted = submit_to_submitit(self.launcher, job_overrides)
-            record["runs"] = [{**job, "job_id": str(submitted_job.job_id)}
-                              for job, submitted_job in zip(planned, submitted)]
-            if not OmegaConf.select(self.config, "launcher.wait", default=True):
-                record = {**record, "runs": [{**job, "outcome": "submitted"} for job in record["runs"]]}
+            # A finished run would only cost a queue wait (and a GPU) to be skipped in its job.
+            finished = {number: result for number, job in enumerate(planned)
+                        if (result := finished_result(sweep_dir / job["run"], self.job_config(job["overrides"])))}
+            to_submit = [number for number in range(len(planned)) if number not in finished]
+            submitted = {}
+            if to_submit:
+                # submitit prints sbatch's complaint before raising it: keep it for the one-line error.
+                complaint = io.StringIO()
+                try:
+                    with contextlib.redirect_stderr(complaint):
+                        # One job array (launcher.array_parallelism caps how many run at once).
+                        jobs = submit_to_submitit(self.launcher, [job_overrides[n] for n in to_submit])
+                except Exception as error:  # sbatch refused the jobs: nothing was submitted
+                    forget_sweep(sweep_dir, new_folder, previous_record)
+                    exit_with(UsageError(f"the cluster refused the jobs: {refusal_line(error)}"))
+                sys.stderr.write(complaint.getvalue())
+                submitted = dict(zip(to_submit, jobs))
+            else:
+                print(f"all {len(planned)} runs are finished; no job submitted", file=sys.stderr, flush=True)
+            record["runs"] = [{**job, "job_id": str(submitted[n].job_id)} if n in submitted else job
+                              for n, job in enumerate(planned)]
+            if submitted and not OmegaConf.select(self.config, "launcher.wait", default=True):
+                record = {**record, "runs": [{**job, "outcome": "submitted"} if n in submitted
+                                             else {**job, "outcome": "skipped", "result": finished[n]}
+                                             for n, job in enumerate(record["runs"])]}
                 resexp_sweep.write_sweep_record(sweep_dir, record)
-                print_submitted(sweep_dir, record["runs"], self.launcher)
+                print_submitted(sweep_dir, [record["runs"][n] for n in submitted], self.launcher)
                 return [[]]
             resexp_sweep.write_sweep_record(sweep_dir, record)
             try:
-                results = [job_result(submitted_job, sweep_dir / job["run"])
-                           for job, submitted_job in zip(planned, submitted)]
+                ended = wait_for_jobs(list(submitted.values()), self.launcher._EXECUTOR)
             except KeyboardInterrupt:
                 if self.launcher._EXECUTOR == "slurm":  # local jobs got the Ctrl-C too; cluster jobs did not
-                    print(f"stopped waiting; the SLURM jobs keep running (scancel {submitted[0].job_id.split('_')[0]} "
+                    first = next(iter(submitted.values()))
+                    print(f"stopped waiting; the SLURM jobs keep running (scancel {first.job_id.split('_')[0]} "
                           f"stops them); resexp status {sweep_dir} shows them", file=sys.stderr)
                 raise
+            results = [job_result(submitted[n], sweep_dir / job["run"], ended[submitted[n].job_id])
+                       if n in submitted else returned({**finished[n], "outcome": "skipped"})
+                       for n, job in enumerate(planned)]
         elif self.config.sweep.gpus is not None:
             # Several jobs at once on this machine, each in its own process with one GPU (resexp.slots).
             from resexp import slots
@@ -82,6 +110,13 @@ class ResexpSweeper(BasicSweeper):
                 results += self.launcher.launch(batch, initial_job_idx=len(results))
         resexp_sweep.write_sweep_record(sweep_dir, resexp_sweep.finished_record(sweep_dir, record, results))
         return [results]
+
+    def job_config(self, overrides: List[str]):
+        """A job's config as Hydra's launcher hands it to the job: composed, without the hydra node."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
 
 
 def config_dirs(loader) -> List[str]:
@@ -113,6 +148,9 @@ def submit_to_submitit(launcher, job_overrides: List[List[str]]) -> list:
 
     cluster = launcher._EXECUTOR  # "slurm" or "local"
     params = dict(launcher.params)
+    if not params.get("gpus_per_node"):
+        # submitit would still write --gpus-per-node=0, which a cluster without GPUs refuses.
+        params.pop("gpus_per_node", None)
     executor_args = {"folder": params.pop("submitit_folder")}
     if "max_num_timeout" in params:
         executor_args[f"{cluster}_max_num_timeout"] = params.pop("max_num_timeout")
@@ -126,21 +164,117 @@ def submit_to_submitit(launcher, job_overrides: List[List[str]]) -> list:
     return executor.map_array(launcher, *zip(*job_arguments))
 
 
-def job_result(submitted_job, run_dir: Path):
-    """The job's Hydra JobReturn; for a job that ended without one, a failed run's record."""
+# How often a waiting sweep looks at its jobs, and how long SLURM must have stopped listing a
+# job without a result before it counts as ended (a requeued job is listed again within seconds).
+POLL_S = 5
+GONE_AFTER_S = 20
+
+
+def wait_for_jobs(jobs: list, cluster: str) -> dict:
+    """Wait until every job has ended; job id -> whether it ended in a way submitit can tell.
+
+    submitit asks ``sacct`` about a running job only every 10 minutes, and without SLURM's
+    accounting never learns that a job died without a result: this asks for every job's
+    state each POLL_S, and takes a job that squeue no longer lists for ended (``False``).
+    """
+    ended: dict = {}
+    gone_since: dict = {}
+    while len(ended) < len(jobs):
+        if cluster == "slurm":
+            jobs[0].watcher.update()  # one sacct call for all of them
+        listed = listed_by_squeue([job.job_id for job in jobs]) if cluster == "slurm" else None
+        for job in jobs:
+            if job.job_id in ended:
+                continue
+            if job.done():
+                ended[job.job_id] = True
+            elif listed is not None and job.job_id not in listed:
+                gone_since.setdefault(job.job_id, time.monotonic())
+                if time.monotonic() - gone_since[job.job_id] >= GONE_AFTER_S:
+                    ended[job.job_id] = False
+            else:
+                gone_since.pop(job.job_id, None)
+        if len(ended) < len(jobs):
+            time.sleep(POLL_S)
+    return ended
+
+
+def listed_by_squeue(job_ids: list) -> set | None:
+    """The jobs (``ARRAY_TASK`` ids) that squeue still lists; None when squeue cannot say."""
+    arrays = sorted({job_id.split("_")[0] for job_id in job_ids})
+    try:
+        ran = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(arrays)],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if ran.returncode != 0:
+        # Jobs SLURM has already forgotten make squeue fail with "Invalid job id specified".
+        return set() if "invalid job id" in ran.stderr.lower() else None
+    return set(ran.stdout.split())
+
+
+def returned(record: dict):
+    """A job's outcome as Hydra's launchers report it (``finished_record`` reads these)."""
     from hydra.core.utils import JobReturn, JobStatus
+
+    return JobReturn(status=JobStatus.COMPLETED, _return_value=record)
+
+
+def job_result(submitted_job, run_dir: Path, ended: bool = True):
+    """The job's Hydra JobReturn; for a job that ended without one, a failed run's record."""
     from resexp.files import read_json
 
-    try:
-        return submitted_job.results()[0]
-    except Exception as error:  # submitit's UncompletedJobError / FailedJobError: no result came back
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        message = f"job {submitted_job.job_id} ended without a result ({first_line}); log: {submitted_job.paths.stderr}"
+    if ended:
+        try:
+            return submitted_job.results()[0]
+        except Exception as error:  # submitit's UncompletedJobError / FailedJobError: no result came back
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    else:
+        first_line = "SLURM no longer lists it, and its accounting does not tell how it ended"
+    message = f"job {submitted_job.job_id} ended without a result ({first_line}); log: {submitted_job.paths.stderr}"
     try:
         run_record = read_json(run_dir / "result.json")
     except (OSError, ValueError):
         run_record = {"status": "failed", "run_name": run_dir.name}
-    return JobReturn(status=JobStatus.COMPLETED, _return_value={**run_record, "error": message, "outcome": "failed"})
+    return returned({**run_record, "error": message, "outcome": "failed"})
+
+
+def finished_result(run_dir: Path, cfg) -> dict | None:
+    """The result of a run that has nothing left to train with this config (done or diverged), or None."""
+    import yaml
+    from resexp.config import config_differences
+    from resexp.files import read_json
+
+    try:
+        result = read_json(run_dir / "result.json")
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        current = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001  (absent, torn or unresolvable: the job itself decides)
+        return None
+    if result.get("status") not in ("done", "diverged") or config_differences(saved, current):
+        return None
+    return result
+
+
+def refusal_line(error: Exception) -> str:
+    """sbatch's own reason for refusing a submission, from submitit's error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reasons = [line for line in lines if "error:" in line]
+    return reasons[-1].split("error:", 1)[-1].strip() if reasons else (lines[-1] if lines else type(error).__name__)
+
+
+def forget_sweep(sweep_dir: Path, new_folder: bool, previous_record: dict | None) -> None:
+    """Undo a sweep whose jobs were refused: nothing of it is left recorded as queued."""
+    import shutil
+
+    from resexp import sweep as resexp_sweep
+
+    if new_folder:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+    elif previous_record is not None:
+        resexp_sweep.write_sweep_record(sweep_dir, previous_record)
+    else:
+        (sweep_dir / resexp_sweep.SWEEP_RECORD).unlink(missing_ok=True)
 
 
 def print_submitted(sweep_dir: Path, runs: list, launcher) -> None:
