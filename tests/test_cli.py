@@ -421,6 +421,13 @@ def test_help_says_what_the_command_does_with_options_defaults_and_examples(main
         assert "figure6_quick" in out
 
 
+def test_plot_help_says_what_it_draws_with_examples(main):
+    code, out, err, _ = main("plot", "--help")
+    assert code == 0, err
+    assert "curves.png" in out and "error_vs_depth.png" in out and "summary.md" in out, out
+    assert len(re.findall(r"^  resexp plot \S", out, re.MULTILINE)) == 2, out
+
+
 def test_train_cfg_job_prints_the_config_and_trains_nothing(main):
     """``resexp train --cfg job`` prints the composed YAML (paper defaults), resolved, and creates no folder."""
     code, out, err, left = main("train", "--cfg", "job", "depth=56")

@@ -87,6 +87,20 @@ HELP_PAGES = {
 }
 
 
+PLOT_HELP = """\
+usage: resexp plot DIR
+
+Redraw the figures and tables of a sweep folder DIR (or of one run's folder) from its run
+folders, into DIR: curves.png/.pdf (error against iterations, the paper's Figure 6),
+error_vs_depth.png/.pdf and summary.md/.csv. It only reads the runs' files, so it works while
+a sweep is still running, or on a folder copied from a cluster. It takes no options.
+
+examples:
+  resexp plot outputs/depth20-56-110                  the sweep's figures and summary
+  resexp plot outputs/depth20-56-110/resnet-20-s0     one run's curves
+"""
+
+
 def help_page(command: str) -> str:
     """The --help text of train or sweep, with the defaults of the composed config."""
     from omegaconf import OmegaConf
@@ -315,8 +329,7 @@ def plot_command(args: list[str]) -> int:
 
     if len(args) != 1 or args[0].startswith("-"):
         if args and args[0] in ("-h", "--help"):
-            print("usage: resexp plot DIR\n\nRedraw curves.png, error_vs_depth.png and summary.md/.csv "
-                  "from the run folders in DIR.")
+            print(PLOT_HELP, end="")
             return 0
         raise UsageError(f"resexp plot takes one folder (a sweep's or a run's); got {' '.join(args) or 'nothing'}")
     folder = Path(args[0])
