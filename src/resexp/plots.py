@@ -12,7 +12,7 @@ Outputs (``render_all``):
 - ``error_vs_depth.png``/``.pdf``: error against number of layers, at the end
   of training and just before the first learning-rate drop;
 - ``summary.md``/``.csv``: one row per configuration (every config value that
-  differs between runs except the seed), with the paper's Table 6 numbers.
+  differs between runs except the seed), with the paper's Table 6 numbers for the paper's nets.
 
 Every ``*_data`` function returns exactly what the matching figure draws, with
 errors in percent, so tests can check numbers instead of pixels.

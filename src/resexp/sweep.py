@@ -278,7 +278,8 @@ def outcome_table(record: dict) -> tuple[str, bool]:
         any_failed |= status in ("failed",) or outcome in ("failed", "not run")
         rows.append((job["run"], shown, _percent(result.get("final_train_error")),
                      _percent(result.get("final_test_error")),
-                     f"{result.get('iterations_done', '')}/{result.get('iterations', '')}",
+                     # A run that failed before it started has no numbers: an empty cell, not "/".
+                     f"{result.get('iterations_done') or 0}/{result['iterations']}" if result.get("iterations") else "",
                      format_duration(result["wall_time_s"]) if result.get("wall_time_s") else ""))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
