@@ -163,7 +163,7 @@ class NetLoader:
             images, labels = data.test_images, data.test_labels
             if self.max_images is not None and self.max_images < len(labels):
                 chosen = stratified_indices(labels, self.max_images, seed=0)
-                _say(f"measuring on {self.max_images:,} of the {len(labels):,} {data.eval_set} images "
+                _say_once(f"measuring on {self.max_images:,} of the {len(labels):,} {data.eval_set} images "
                      "(a stratified sample, the same for every run; --max-images all for every image)")
                 images, labels = images[chosen], labels[chosen]
             self._data[key] = (images.to(self.device), labels.to(self.device),
@@ -784,6 +784,16 @@ def save_png(fig: Figure, path: Path) -> str:
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """For what holds for every analysis of a command (the sample measured on): said once."""
+    if message not in _SAID:
+        _SAID.add(message)
+        _say(message)
 
 
 # --- the command --------------------------------------------------------------------------------
