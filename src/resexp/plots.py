@@ -167,8 +167,9 @@ def fit_titles(fig: Figure, passes: int = 3) -> None:
 
 
 def _wrapped(text: str, fraction: float) -> str:
-    """``text`` with its longest line cut to about ``fraction`` of its length, at spaces."""
-    lines = text.split("\n")
+    """``text`` with its longest line cut to about ``fraction`` of its length, at spaces
+    (never inside "a = b": no-break spaces hold it together, and draw as spaces)."""
+    lines = text.replace(" = ", "\u00a0=\u00a0").split("\n")
     width = max(8, int(max(len(line) for line in lines) * fraction * 0.95))
     return "\n".join(textwrap.fill(line, width, break_long_words=False) or line for line in lines)
 
