@@ -282,6 +282,9 @@ def sweep_command(args: list[str]) -> int:
     named = [o for o in sweep_module.parse_overrides(overrides) if o.get_key_element() == "name"]
     name = named[0].get_value_element_as_str() if named else sweep_module.sweep_name(overrides)
     sweep_dir = Path(base.out) / name
+    if not any(o.get_key_element().startswith("data") for o in sweep_module.parse_overrides(overrides)
+               if o.is_sweep_override()):  # a grid over data sets leaves the data to each run
+        sweep_module.fetch_cifar10_once(base)
 
     exit_code = 0
     register_sweeper()

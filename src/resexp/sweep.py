@@ -116,7 +116,6 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
     """Check every job's config and name its run folder; one error lists every bad value."""
     found: list[str] = []
     planned = []
-    configs = []
     extra = [f"sweep.keys=[{','.join(swept)}]", f"sweep.size={len(jobs)}"]
     for job in jobs:
         overrides = job + extra
@@ -132,7 +131,6 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
         found += problems
         if not problems:
             planned.append({"run": config_module.run_name(cfg), "overrides": overrides})
-            configs.append(cfg)
     if found:
         unique = list(dict.fromkeys(found))
         raise UsageError(f"the sweep has {len(unique)} invalid value(s), nothing was run: " + "; ".join(unique))
@@ -140,25 +138,20 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise UsageError(f"several runs would share the folder {clashes[0]}; sweep fewer keys or give them distinct values")
-    fetch_cifar10_once(configs)
     return planned
 
 
-def fetch_cifar10_once(configs: list[DictConfig]) -> None:
-    """Get CIFAR-10 here, once, before any run starts: offline, every run would try the
-    download again and fail the same way. Raises the one-line error a single run gives."""
+def fetch_cifar10_once(cfg: DictConfig) -> None:
+    """Get CIFAR-10 for a sweep here, once, before any run starts: offline, every run would
+    try the download again and fail the same way. Raises the one-line error a single run gives."""
+    if cfg.data.name != "cifar10":
+        return
     from torchvision.datasets import CIFAR10
 
     from .data import load_data
 
-    seen = set()
-    for cfg in configs:
-        data = cfg.data
-        if data.name != "cifar10" or (data.root, data.download) in seen:
-            continue
-        seen.add((data.root, data.download))
-        if not (Path(data.root) / CIFAR10.base_folder).is_dir():
-            load_data("cifar10", data.root, download=bool(data.download))
+    if not (Path(cfg.data.root) / CIFAR10.base_folder).is_dir():
+        load_data("cifar10", cfg.data.root, download=bool(cfg.data.download))
 
 
 def write_sweep_record(sweep_dir: Path, record: dict) -> None:
