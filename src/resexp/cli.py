@@ -62,7 +62,7 @@ TRAIN_OPTIONS = (
 )
 SWEEP_OPTIONS = (
     ("arch", "plain,resnet", "plain | resnet, or both"),
-    ("experiment", "none", "a preset grid: {experiments}"),
+    ("experiment", "none", "a preset grid, e.g. figure6 (the paper's Figure 6; all are listed below)"),
     ("gpus", "sweep.gpus", "0,1,... | all: train runs side by side, one process per GPU"),
     ("runs_per_gpu", "sweep.runs_per_gpu", "with gpus: how many runs share one GPU"),
     ("launcher", "launcher.name", "local (one run after another here) | slurm | submitit_local"),
@@ -107,7 +107,6 @@ def help_page(command: str) -> str:
 
     usage, what, options, examples = HELP_PAGES[command]
     cfg = config_module.compose([])
-    experiments = ", ".join(sorted(path.stem for path in config_module.config_folder().glob("experiment/*.yaml")))
     rows = []
     for spelling, source, meaning in options:
         default = OmegaConf.select(cfg, source, default=source) if source in config_module.known_keys() else source
@@ -115,8 +114,14 @@ def help_page(command: str) -> str:
             default = str(default).lower()  # as it is typed: resume=false
         elif default is None:
             default = "all" if source.endswith("_size") else "none"
-        rows.append(f"  {spelling + '=':<17} {default:<13} {meaning.format(experiments=experiments)}")
-    return "\n".join([usage, "", what, "", f"{'options:':<20}{'default':<14}meaning", *rows, "", "examples:",
+        rows.append(f"  {spelling + '=':<17} {default:<13} {meaning}")
+    # The options of each config group, as installed: GROUP=OPTION picks one.
+    folder = config_module.config_folder()
+    groups = [f"  {group.name}: {', '.join(sorted(path.stem for path in group.glob('*.yaml')))}"
+              for group in sorted(folder.iterdir()) if group.is_dir() and any(group.glob("*.yaml"))
+              and group.name != "hydra"]
+    return "\n".join([usage, "", what, "", f"{'options:':<20}{'default':<14}meaning", *rows, "",
+                      "config groups (GROUP=OPTION):", *groups, "", "examples:",
                       *(f"  {example}" for example in examples), "",
                       "Every config key can be set the same way: --cfg job prints them all, resolved;",
                       "README.md explains each. Errors print one line; HYDRA_FULL_ERROR=1 shows tracebacks."])
