@@ -14,8 +14,10 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
+from resexp import analyze
 from resexp import config as config_module
 from resexp.analyze import (
+    DEFAULT_MAX_IMAGES,
     NetLoader,
     WithoutBranch,
     analyze_command,
@@ -25,6 +27,7 @@ from resexp.analyze import (
     analyze_responses,
     blocks_removed,
     gradient_norms,
+    parse_analyze_args,
     trained_runs,
 )
 from resexp.errors import UsageError
@@ -39,6 +42,7 @@ from resexp.models import (
     weighted_layers,
 )
 from resexp.train import train
+from test_plots import keep_figures, texts_outside
 
 PAPER_PARAMETERS = {20: 269_722, 1202: 19_421_274}
 # A few steps more than schedule=smoke, so that the nets are better than chance.
@@ -182,7 +186,8 @@ def fabricated_run(folder, arch, depth, evaluations, layers):
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def test_gradient_figures_from_logged_norms(tmp_path):
+def test_gradient_figures_from_logged_norms(tmp_path, monkeypatch):
+    figures = keep_figures(monkeypatch, analyze)
     fabricated_run(tmp_path, "plain", 8, evaluations=6, layers=8)
     fabricated_run(tmp_path, "resnet", 8, evaluations=6, layers=8)
     fabricated_run(tmp_path, "resnet", 14, evaluations=3, layers=14)
@@ -194,6 +199,11 @@ def test_gradient_figures_from_logged_norms(tmp_path):
     assert len(read_csv(tmp_path / "gradients.csv")) == 2 * 6 * 8 + 3 * 14
     for name in ("gradients_by_layer.png", "gradients_heatmap.png", "gradients_ratio.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+    for fig in figures:
+        assert texts_outside(fig) == []
+    heatmaps = [ax for ax in figures[1].axes if ax.get_ylabel().startswith("layer")]
+    for ax in heatmaps:  # layers are whole numbers, whatever the cell edges
+        assert all(tick == int(tick) for tick in ax.get_yticks())
     # No checkpoints here: the other analyses have nothing to look at.
     with pytest.raises(UsageError, match="no trained runs in"):
         analyze_command(["responses", str(tmp_path)])
@@ -233,7 +243,8 @@ def test_responses_one_std_per_layer(sweep_folder):
     assert (sweep_folder / "responses.png").stat().st_size > 10_000
 
 
-def test_lesion_with_nothing_removed_reproduces_the_evaluation(sweep_folder):
+def test_lesion_with_nothing_removed_reproduces_the_evaluation(sweep_folder, monkeypatch):
+    figures = keep_figures(monkeypatch, analyze)
     result = analyze_lesion(sweep_folder)
     plain, resnet = result["runs"]
     for entry in (plain, resnet):
@@ -250,6 +261,14 @@ def test_lesion_with_nothing_removed_reproduces_the_evaluation(sweep_folder):
     assert [r["test_error"] for r in rows if r["run"] == "plain-8-s0" and r["removed"] == "one block"][1:] == [
         "impossible", "impossible"]
     assert (sweep_folder / "lesion.png").stat().st_size > 10_000
+    (fig,) = figures
+    assert texts_outside(fig) == []
+    plain_panel, resnet_panel = fig.axes[0], fig.axes[1]
+    legend = {panel: [text.get_text() for text in panel.get_legend().get_texts()]
+              for panel in (plain_panel, resnet_panel)}
+    # A plain net's downsampling blocks cannot be removed: no marker there, so no key for one.
+    assert "downsampling block" not in legend[plain_panel]
+    assert "downsampling block" in legend[resnet_panel]
 
 
 def test_removing_blocks_is_undone_afterwards(sweep_folder):
@@ -274,11 +293,20 @@ def test_identity_ratios_for_residual_nets_only(sweep_folder):
     assert len(read_csv(sweep_folder / "identity.csv")) == 3
 
 
+def test_analyze_samples_the_test_set_by_default(tmp_path):
+    assert parse_analyze_args([str(tmp_path)]) == (["responses", "lesion", "gradients", "identity"], tmp_path,
+                                                   DEFAULT_MAX_IMAGES)
+    assert parse_analyze_args(["lesion", str(tmp_path), "--max-images", "all"])[2] is None
+    assert parse_analyze_args(["lesion", str(tmp_path), "--max-images=50"])[2] == 50
+
+
 def test_analyze_command(sweep_folder, tmp_path, capsys):
     assert analyze_command(["all", str(sweep_folder), "--max-images", "30"]) == 0
     out = capsys.readouterr()
     for analysis in ("gradients", "responses", "lesion", "identity"):
         assert f"{analysis}: wrote" in out.out, out.out
+    assert "measuring on 30 of the 100 test images" in out.err  # says what it sampled
+    assert "lesion: resnet-8-s0: removing each of its 3 blocks" in out.err
     for args, message in [
         (["lesion", str(tmp_path / "missing")], "does not exist"),
         (["wiggle", str(sweep_folder)], "unknown analysis 'wiggle'"),

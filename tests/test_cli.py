@@ -172,8 +172,11 @@ CASES = [
     Case("device-cuda-without-gpu", ("train", "device=cuda", "seed=1"), ("cuda",)),
     Case("precision-unknown", ("train", "precision=fp8"), ("precision", "fp8")),
     Case("data-unknown-option", ("train", "data=foo"), ("foo", "cifar10", "imagefolder", "synthetic")),
-    Case("unknown-key", ("train", "nosuchkey=1"), ("nosuchkey",)),
-    Case("unknown-nested-key", ("train", "data.nosuch=1"), ("data.nosuch",)),
+    Case("unknown-key", ("train", "nosuchkey=1"), ("unknown key", "nosuchkey")),
+    Case("unknown-nested-key", ("train", "data.nosuch=1"), ("unknown key", "data.nosuch")),
+    Case("misspelt-key", ("train", "depht=20"), ("unknown key 'depht'", "did you mean depth?")),
+    Case("sweep-misspelt-swept-key", ("sweep", "depht=20,56"), ("unknown key 'depht'", "did you mean depth?")),
+    Case("misspelt-nested-key", ("train", "schedule.iteration=5"), ("did you mean schedule.iterations?",)),
     Case("imagefolder-without-root", ("train", "data=imagefolder"), ("data.root",)),
     Case("imagefolder-missing-root", ("train", "data=imagefolder", "data.root={inputs}/no-such-folder"),
          ("{inputs}/no-such-folder",)),
@@ -220,6 +223,10 @@ CASES = [
     Case("resume-with-another-lr", ("train", "schedule.lr=0.05"), ("another config", "schedule.lr")),
     Case("another-depth-into-a-finished-run", ("train", "depth=14", "name=resnet-8-s0-smoke-synthetic"),
          ("another config", "depth")),
+    # Checked once while the sweep is planned, not by each run in turn.
+    Case("sweep-cifar10-archive-missing",
+         ("sweep", "data=cifar10", "data.root={inputs}/cifar", "data.download=false", "seed=0,1"),
+         ("cifar-10-python.tar.gz", "{inputs}/cifar"), setup=empty_cifar_root),
 ]
 
 
@@ -301,6 +308,23 @@ def rerun_finished(run: FinishedRun, env) -> Watched:
     return Watched(ran, before, snapshot(run.run_dir))
 
 
+def readme_ci_recipe() -> str:
+    """The README's CI smoke run: the shell block under its heading, calling this install's resexp."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### A smoke run for CI", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return block.replace(".venv/bin/resexp", str(RESEXP))
+
+
+def run_readme_ci_recipe(folder: Path, env) -> Ran:
+    folder.mkdir(parents=True)
+    env = {**env, "TMPDIR": str(folder)}  # mktemp -d makes its fresh folder here
+    started = time.monotonic()
+    done = subprocess.run(["bash", "-c", readme_ci_recipe()], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    return Ran(["(README CI recipe)"], done.returncode, done.stdout, done.stderr, time.monotonic() - started)
+
+
 def sweep_twice(folder: Path, env) -> SweepTwice:
     out = folder / "out"
     folder.mkdir(parents=True)
@@ -323,6 +347,7 @@ def runs(tmp_path_factory, cli_env) -> dict[str, Future]:
     try:
         futures["finished"] = pool.submit(train_smoke_run, root / "finished", cli_env)
         futures["sweep"] = pool.submit(sweep_twice, root / "sweep", cli_env)
+        futures["readme-ci"] = pool.submit(run_readme_ci_recipe, root / "readme-ci", cli_env)
         folder = root / "full-error"
         folder.mkdir()
         futures["full-error"] = pool.submit(run_watched, folder, ["train", "depth=21", f"out={folder / 'out'}"],
@@ -410,29 +435,60 @@ def main(tmp_path, monkeypatch, capsys, hydra_in_process):
 
 
 def test_top_level_help_lists_the_commands(main):
-    """``resexp --help`` explains the commands and exits 0."""
+    """``resexp --help`` names every command, and exits 0."""
+    from resexp.cli import COMMANDS
+
     code, out, err, _ = main("--help")
     assert code == 0, err
-    for word in ("train", "sweep", "plot", "arch"):
-        assert word in out, out
+    for command in COMMANDS:
+        assert re.search(rf"^  {command} ", out, re.MULTILINE), (command, out)
 
 
-def test_train_help_lists_the_options(main):
-    """``resexp train --help`` shows the config groups and keys a user can set."""
-    code, out, err, _ = main("train", "--help")
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_help_says_what_the_command_does_with_options_defaults_and_examples(main, command):
+    """Each option line: KEY=, its default as the config has it, and a meaning; two examples; no
+    bookkeeping keys."""
+    from resexp import config as config_module
+
+    code, out, err, _ = main(command, "--help")
     assert code == 0, err
-    assert "arch" in out and "depth" in out, out
-    assert re.search(r"^schedule: .*smoke", out, re.MULTILINE), out
+    assert out.startswith(f"usage: resexp {command} "), out
+    options = re.findall(r"^  ([\w.]+)=\s+(\S+)\s+(\S.*)$", out, re.MULTILINE)
+    defaults = {key: default for key, default, _ in options}
+    cfg = config_module.compose([])
+    assert defaults["depth"] == str(cfg.depth) and defaults["schedule"] == cfg.schedule.name, options
+    assert defaults["resume"] == "true" and defaults["data.root"] == cfg.data.root, options
+    examples = re.findall(rf"^  resexp {command} \S", out.split("examples:")[1], re.MULTILINE)
+    assert len(examples) == 2, out
+    for internal in ("sweep.keys", "sweep.size", "resexp resexp"):
+        assert internal not in out, out
+    if command == "sweep":  # the README's spellings
+        assert {"gpus", "runs_per_gpu", "experiment", "launcher"} <= set(defaults), options
+        assert "figure6_quick" in out
+
+
+def test_plot_help_says_what_it_draws_with_examples(main):
+    code, out, err, _ = main("plot", "--help")
+    assert code == 0, err
+    assert "curves.png" in out and "error_vs_depth.png" in out and "summary.md" in out, out
+    assert len(re.findall(r"^  resexp plot \S", out, re.MULTILINE)) == 2, out
 
 
 def test_train_cfg_job_prints_the_config_and_trains_nothing(main):
-    """``resexp train --cfg job`` prints the composed YAML (paper defaults) and creates no folder."""
-    code, out, err, left = main("train", "--cfg", "job")
+    """``resexp train --cfg job`` prints the composed YAML (paper defaults), resolved, and creates no folder."""
+    code, out, err, left = main("train", "--cfg", "job", "depth=56")
     assert code == 0, err
-    assert "depth: 20" in out, out
     printed = yaml.safe_load(out)
-    assert printed["arch"] == "resnet" and printed["depth"] == 20, out
+    assert printed["arch"] == "resnet" and printed["depth"] == 56, out
+    assert printed["name"] == "resnet-56-s0", out  # the run's folder name, worked out
     assert left == [], left
+
+
+def test_misspelt_key_is_unknown_with_the_closest_key_and_no_append_advice(main):
+    code, out, err, left = main("train", "depht=20")
+    assert code == 2 and left == []
+    assert err.strip().splitlines() == ["resexp: error: unknown key 'depht': did you mean depth? "
+                                        "(--cfg job prints every key)"], err
 
 
 def test_sweep_cfg_job_prints_the_config_and_trains_nothing(main):
@@ -497,6 +553,15 @@ def test_sweep_trains_each_arch_and_draws_figures_and_summary(runs):
     assert sorted((row["arch"], row["depth"]) for row in rows) == [("plain", "8"), ("resnet", "8")], rows
     table = [line for line in (sweep_dir / "summary.md").read_text().splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(runs_made), table  # header, rule, one row per run
+
+
+def test_readme_ci_smoke_recipe_trains_and_draws_in_a_fresh_folder(runs):
+    """The README's CI recipe works as printed; it fails (non-zero) when the sweep does."""
+    recipe = readme_ci_recipe()
+    assert "data=synthetic" in recipe and "schedule=smoke" in recipe and "mktemp -d" in recipe, recipe
+    ran: Ran = runs["readme-ci"].result()
+    assert ran.returncode == 0, ran.describe()
+    assert re.search(r"/curves\.png$", ran.stdout.strip(), re.MULTILINE), ran.describe()
 
 
 def test_sweep_typed_differently_reuses_its_folder_and_skips_finished_runs(runs):

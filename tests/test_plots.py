@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 
 import matplotlib
 
@@ -13,7 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.image as mpimg
 import pytest
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+from resexp import plots
 from resexp.errors import UsageError
 from resexp.plots import (
     PAPER_RESNET_TEST_ERROR,
@@ -31,7 +34,7 @@ ITERATIONS = 800
 
 
 def make_run(root, name, arch, depth, seed, train, test, *, eval_every=100, status="done",
-             shortcut="A", write_result=True, result_extra=None, schedule_name="test"):
+             shortcut="A", write_result=True, result_extra=None, schedule_name="test", family="cifar"):
     """A run folder with one evaluation per value of ``train``/``test`` (fractions)."""
     run = root / name
     run.mkdir(parents=True)
@@ -40,7 +43,7 @@ def make_run(root, name, arch, depth, seed, train, test, *, eval_every=100, stat
         # Where and how a run was launched differs per run and must not split groups.
         "out": str(root), "name": name, "device": f"cuda:{seed}",
         "sweep": {"keys": ["arch", "depth", "seed"], "size": seed + 7},
-        "model": {"shortcut": shortcut, "width": 16},
+        "model": {"shortcut": shortcut, "width": 16, "family": family},
         "schedule": {"name": schedule_name, "iterations": ITERATIONS, "milestones": MILESTONES,
                      "lr": 0.1, "batch_size": 128, "eval_every": eval_every},
         "data": {"name": "cifar10", "root": f"/data/{seed}"},
@@ -80,6 +83,47 @@ def find_series(data, arch):
     series = [s for s in data["series"] if s["arch"] == arch]
     assert len(series) == 1, series
     return series[0]
+
+
+def texts_outside(fig):
+    """The texts of a figure, as drawn, that reach past its edges (the PNG would cut them off).
+
+    Only texts that are really drawn count: matplotlib keeps labels of hidden axes and of
+    ticks outside the view, which never reach the image.
+    """
+    canvas = FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
+    drawn = {}
+    draw_text = renderer.draw_text
+
+    def recording(gc, x, y, s, prop, angle, ismath=False, mtext=None):
+        if mtext is not None and s.strip():
+            drawn[id(mtext)] = mtext
+        return draw_text(gc, x, y, s, prop, angle, ismath=ismath, mtext=mtext)
+
+    renderer.draw_text = recording
+    fig.draw(renderer)
+    box = fig.bbox
+    outside = []
+    for text in drawn.values():
+        extent = text.get_window_extent(renderer)
+        if extent.x0 < box.x0 - 1 or extent.x1 > box.x1 + 1 or extent.y0 < box.y0 - 1 or extent.y1 > box.y1 + 1:
+            outside.append(text.get_text())
+    assert drawn, "no text was drawn: the check would pass for any figure"
+    return outside
+
+
+def keep_figures(monkeypatch, module):
+    """Every figure that ``module`` fits and saves from now on, in a list."""
+    figures = []
+    fit_titles = plots.fit_titles
+
+    def fit_and_keep(fig, *args, **kwargs):
+        fit_titles(fig, *args, **kwargs)
+        figures.append(fig)
+
+    monkeypatch.setattr(module, "fit_titles", fit_and_keep)
+    return figures
 
 
 @pytest.fixture
@@ -369,3 +413,79 @@ def test_render_all_writes_every_file(sweep):
     assert "| ResNet-56 |" in markdown and "8.00 ± 1.41" in markdown and "ddof=1" in markdown
     # Rendering again (e.g. while the sweep is running) still works with outputs in the folder.
     assert len(load_runs(sweep)) == 7
+
+
+# --- figures that explain themselves ----------------------------------------
+
+
+@pytest.mark.parametrize("archs", [("resnet",), ("plain", "resnet")])
+def test_every_text_fits_inside_the_figure(tmp_path, monkeypatch, archs):
+    """One panel leaves the least room for the titles: they are wrapped, never cut off."""
+    for arch in archs:
+        make_run(tmp_path, f"{arch}-20-s0", arch, 20, 0, ramp(0.5, 0.1), ramp(0.5, 0.12))
+    make_run(tmp_path, "resnet-56-s0", "resnet", 56, 0, [], [], status="failed")
+    figures = keep_figures(monkeypatch, plots)
+    render_all(tmp_path)
+    assert len(figures) == 2
+    for fig in figures:
+        assert texts_outside(fig) == []
+    if len(archs) == 1:  # the curves' title is wider than one panel: it had to be wrapped
+        assert figures[0]._suptitle.get_text().count("\n") >= 2
+
+
+def test_figures_say_why_training_error_sits_above_test_error(sweep, monkeypatch):
+    figures = keep_figures(monkeypatch, plots)
+    render_all(sweep)
+    for fig in figures:
+        assert "augmented training batches" in " ".join(fig._suptitle.get_text().split())
+
+
+def test_partial_sweep_curves_span_the_whole_schedule(tmp_path):
+    make_run(tmp_path, "plain-20-s0", "plain", 20, 0, ramp(0.5, 0.3, 3), ramp(0.5, 0.3, 3), status="running")
+    data = curves_data(load_runs(tmp_path))
+    assert data["panels"][0]["lines"][0]["iterations"][-1] == 300
+    assert data["x_max"] == ITERATIONS
+
+
+def test_all_failed_sweep_draws_sensible_empty_figures_without_warnings(tmp_path, monkeypatch):
+    for arch in ("plain", "resnet"):
+        for depth in (20, 56):
+            make_run(tmp_path, f"{arch}-{depth}-s0", arch, depth, 0, [], [], status="failed")
+    figures = keep_figures(monkeypatch, plots)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a matplotlib warning would reach the user's terminal
+        drawn = render_all(tmp_path)
+    end = drawn["depth"]["end"]
+    assert end["depths_planned"] == [20, 56] and end["statuses"] == {"failed": 4}
+    depth_axes = figures[1].axes[0]
+    assert depth_axes.get_ylim() == (0, 100) and list(depth_axes.get_xticks()) == [20, 56]
+    assert any("4 failed" in text.get_text() for text in depth_axes.texts)
+    assert figures[0].axes[0].get_xlim() == (0, ITERATIONS)
+    for fig in figures:
+        assert texts_outside(fig) == []
+
+
+def test_mlps_are_labelled_as_mlps_and_get_no_paper_values(tmp_path):
+    for arch in ("plain", "resnet"):
+        make_run(tmp_path, f"{arch}-20-s0", arch, 20, 0, ramp(0.5, 0.1), ramp(0.5, 0.12), family="mlp")
+    runs = load_runs(tmp_path)
+    curves = curves_data(runs)
+    assert [p["title"] for p in curves["panels"]] == ["plain MLPs (fully connected)", "residual MLPs (fully connected)"]
+    assert [l["label"] for p in curves["panels"] for l in p["lines"]] == ["plain MLP-20", "residual MLP-20"]
+    assert [s["label"] for s in depth_data(runs)["series"]] == ["plain MLP", "residual MLP"]
+    rows = summary_rows(runs)
+    assert [(r["family"], r["paper_test_error_pct"]) for r in rows] == [("mlp", None), ("mlp", None)]
+    render_all(tmp_path)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "| residual MLP-20 |" in markdown and "ResNet-20" not in markdown
+    assert str(PAPER_RESNET_TEST_ERROR[20]) not in markdown.split("\n\n")[0]  # the table, not the notes
+
+
+def test_paper_values_only_for_the_papers_nets(tmp_path):
+    make_run(tmp_path, "resnet-20-s0", "resnet", 20, 0, ramp(0.5, 0.1), ramp(0.5, 0.12))
+    preact = make_run(tmp_path, "resnet-20-s0-preact", "resnet", 20, 0, ramp(0.5, 0.1), ramp(0.5, 0.12))
+    config = yaml.safe_load((preact / "config.yaml").read_text())
+    config["model"]["block"] = "preact"
+    (preact / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = summary_rows(load_runs(tmp_path))
+    assert [(r["variant"], r["paper_test_error_pct"]) for r in rows] == [("", 8.75), ("block=preact", None)]

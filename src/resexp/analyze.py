@@ -48,7 +48,8 @@ from .errors import UsageError
 from .files import atomic_write, atomic_write_text
 # gradient_norms lives beside the nets so that the trainer can log it without importing this module.
 from .models import ARCHS, Block, blocks, build_model, gradient_norms, response_modules  # noqa: F401
-from .plots import DEPTH_PALETTE, DPI, FIGURE_STYLE, LINE_PREFIXES, PANEL_TITLES, RunRecord, load_runs
+from .plots import (DEPTH_PALETTE, DPI, FIGURE_STYLE, RunRecord, family_of, fit_titles, load_runs, net_prefix,
+                    panel_title)
 from .train import autocast, evaluate, resolve_precision
 
 ANALYSES = ("responses", "lesion", "gradients", "identity")
@@ -57,9 +58,12 @@ LESION_DRAWS = 5  # random subsets of blocks removed per count k
 LESION_SEED = 0  # the same subsets for every run with the same number of blocks
 GRADIENT_SNAPSHOTS = 4  # evaluations shown in the gradient-by-layer figure
 LINE_STYLES = ("-", "--", ":", "-.")  # runs of one depth in one panel (seeds, variants)
+# A lesion study evaluates the test set once per block and per random draw: about 55 passes for a
+# 20-layer net. On a stratified sample of this size that takes about a minute on a CPU.
+DEFAULT_MAX_IMAGES = 1000
 
 USAGE = """\
-usage: resexp analyze [responses|lesion|gradients|identity|all] DIR [--max-images N]
+usage: resexp analyze [responses|lesion|gradients|identity|all] DIR [--max-images N|all]
 
 Measure what happens inside the trained nets of a sweep (or run) folder DIR and write
 figures (PNG) and a CSV per analysis into DIR:
@@ -70,9 +74,14 @@ figures (PNG) and a CSV per analysis into DIR:
   identity    ||F(x)|| / ||x|| of each residual branch on the test set
   all         every analysis that applies (the default when only DIR is given)
 
---max-images N   measure on N test images, a stratified sample that is the same for
-                 every run (default: the whole test set)
-"""
+--max-images N   measure on N test images, a stratified sample that is the same for every
+                 run (default: {default}, about a minute per 20-layer net on a CPU)
+--max-images all measure on the whole test set (on a CPU, a quarter of an hour and more per net)
+
+examples:
+  resexp analyze outputs/depth20-56-110                   every analysis, on {default} test images
+  resexp analyze lesion outputs/depth20-56-110 --max-images all
+""".format(default=DEFAULT_MAX_IMAGES)
 
 
 class NotApplicable(UsageError):
@@ -154,6 +163,8 @@ class NetLoader:
             images, labels = data.test_images, data.test_labels
             if self.max_images is not None and self.max_images < len(labels):
                 chosen = stratified_indices(labels, self.max_images, seed=0)
+                _say_once(f"measuring on {self.max_images:,} of the {len(labels):,} {data.eval_set} images "
+                     "(a stratified sample, the same for every run; --max-images all for every image)")
                 images, labels = images[chosen], labels[chosen]
             self._data[key] = (images.to(self.device), labels.to(self.device),
                                pixel_mean(data.train_images).to(self.device), data.classes, data.eval_set)
@@ -194,7 +205,7 @@ def run_with_hooks(net, modules, make_hook) -> None:
 
 
 def run_row(run: RunRecord) -> dict:
-    return {"run": run.name, "arch": run.arch, "depth": run.depth, "seed": run.seed}
+    return {"run": run.name, "arch": run.arch, "depth": run.depth, "seed": run.seed, "family": family_of(run.config)}
 
 
 def module_names(model: nn.Module) -> dict[int, str]:
@@ -254,7 +265,7 @@ def analyze_responses(folder: str | os.PathLike, max_images: int | None = None) 
                 stds = np.asarray(entry["std"])
                 axes[0, column].plot(np.arange(1, len(stds) + 1), stds, **style)
                 axes[1, column].plot(np.arange(1, len(stds) + 1), np.sort(stds)[::-1], **style)
-            axes[0, column].set_title(PANEL_TITLES.get(arch, arch))
+            axes[0, column].set_title(arch_title(arch, measured))
             axes[0, column].set_xlabel("layer index (original order)")
             axes[1, column].set_xlabel("layer index (sorted by magnitude)")
             for ax in axes[:, column]:
@@ -328,6 +339,8 @@ def lesion_study(net: TrainedNet, draws: int = LESION_DRAWS, seed: int = LESION_
     candidates = [index for index, ok in enumerate(can_remove) if ok]
     generator = np.random.default_rng(seed)
     random_errors: dict[int, list[float]] = {}
+    total = sum(min(draws, math.comb(len(candidates), count)) for count in range(1, len(candidates) + 1))
+    done = 0
     for count in range(1, len(candidates) + 1):
         subsets: list[tuple] = []
         while len(subsets) < min(draws, math.comb(len(candidates), count)):
@@ -335,6 +348,10 @@ def lesion_study(net: TrainedNet, draws: int = LESION_DRAWS, seed: int = LESION_
             if subset not in subsets:
                 subsets.append(subset)
         random_errors[count] = [error_without(net, subset) for subset in subsets]
+        done += len(subsets)
+        # A deep net takes hundreds of evaluations: a line about every quarter of them.
+        if done < total and done * 4 // total > (done - len(subsets)) * 4 // total:
+            _say(f"lesion: {net.run.name}: {done} of {total} random removals")
     return {
         "blocks": [names[id(block)] for block in block_list],
         "downsampling": [block.changes_shape for block in block_list],
@@ -352,7 +369,8 @@ def analyze_lesion(folder: str | os.PathLike, max_images: int | None = None, dra
     measured = []
     for run in trained_runs(folder):
         net = loader.load(run)
-        _say(f"lesion: {run.name} ({len(blocks(net.model))} blocks)")
+        removals = len(blocks(net.model))
+        _say(f"lesion: {run.name}: removing each of its {removals} blocks, then random sets of blocks")
         measured.append({**run_row(run), **lesion_study(net, draws), **measured_on(net),
                          "chance_error": 1 - 1 / net.model.fc.out_features})
 
@@ -382,8 +400,8 @@ def analyze_lesion(folder: str | os.PathLike, max_images: int | None = None, dra
             draw_single_lesions(axes[0, column], entries, measured)
             draw_random_lesions(axes[1, column], entries, measured)
             # Room above the panel for the markers of blocks that cannot be removed.
-            axes[0, column].set_title(f"{PANEL_TITLES.get(arch, arch)}: one block removed", pad=12)
-            axes[1, column].set_title(f"{PANEL_TITLES.get(arch, arch)}: k random blocks removed")
+            axes[0, column].set_title(f"{arch_title(arch, measured)}: one block removed", pad=12)
+            axes[1, column].set_title(f"{arch_title(arch, measured)}: k random blocks removed")
         for ax in axes[:, 0]:
             ax.set_ylabel(f"{eval_set_name(measured)} error (%)")
         fig.suptitle(f"Lesion study on {image_count_text(measured)} "
@@ -393,6 +411,7 @@ def analyze_lesion(folder: str | os.PathLike, max_images: int | None = None, dra
 
 
 def draw_single_lesions(ax, entries: list[dict], measured: list[dict]) -> None:
+    marked = False  # a plain net's downsampling blocks cannot be removed: nothing to mark, nothing to explain
     for entry, style in line_styles(entries, measured):
         errors = np.array([math.nan if e is None else 100 * e for e in entry["single_errors"]])
         positions = np.arange(1, len(errors) + 1)
@@ -401,6 +420,7 @@ def draw_single_lesions(ax, entries: list[dict], measured: list[dict]) -> None:
         ax.axhline(100 * entry["baseline_error"], color=line.get_color(), linestyle=":", linewidth=1.2)
         downsampling = np.asarray(entry["downsampling"], dtype=bool) & np.isfinite(errors)
         mark_downsampling(ax, positions[downsampling], errors[downsampling], line.get_color())
+        marked |= bool(downsampling.any())
         impossible = ~np.asarray(entry["removable"], dtype=bool)
         if impossible.any():  # drawn on the top edge, where no error can hide them
             ax.plot(positions[impossible], np.full(impossible.sum(), 100.0), linestyle="none", marker="x",
@@ -411,7 +431,7 @@ def draw_single_lesions(ax, entries: list[dict], measured: list[dict]) -> None:
     ax.set_xlim(left=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, _ = ax.get_legend_handles_labels()
-    if any(any(e["downsampling"]) for e in entries):
+    if marked:
         handles.append(downsampling_key())
     if not all(all(e["removable"]) for e in entries):
         handles.append(Line2D([], [], linestyle="none", marker="x", color="0.3", markersize=9, markeredgewidth=2.2,
@@ -633,6 +653,7 @@ def draw_gradient_heatmaps(measured: list[dict], path: Path) -> str:
                 ax.set_title(run_title(entry))
                 ax.set_xlabel("iteration")
                 ax.set_ylabel("layer (1 = input side)")
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
                 ax.grid(False)
         if mesh is not None:
             fig.colorbar(mesh, ax=axes, label="gradient norm (log scale)", shrink=0.9)
@@ -652,7 +673,7 @@ def draw_gradient_ratio(measured: list[dict], path: Path) -> str:
             ax.axhline(1.0, color="0.5", linestyle=":", linewidth=1.0)
             ax.set_yscale("log")
             decimal_log_labels(ax)
-            ax.set_title(PANEL_TITLES.get(arch, arch))
+            ax.set_title(arch_title(arch, measured))
             ax.set_xlabel("iteration")
             ax.legend(loc="best", framealpha=0.9)
         axes[0].set_ylabel("gradient norm: first layer / last layer")
@@ -693,8 +714,17 @@ def name_without_arch(entry: dict) -> str:
     return entry["run"].removeprefix(f"{entry['arch']}-")
 
 
+def arch_title(arch: str, measured: list[dict]) -> str:
+    return panel_title(arch, {e["family"] for e in measured if e["arch"] == arch})
+
+
+def net_name(entry: dict) -> str:
+    """'ResNet-20', 'plain MLP-10': as the sweep's figures name the net."""
+    return f"{net_prefix(entry['arch'], entry['family'])}-{entry['depth']}"
+
+
 def run_title(entry: dict) -> str:
-    return f"{LINE_PREFIXES.get(entry['arch'], entry['arch'])}-{entry['depth']} ({entry['run']})"
+    return f"{net_name(entry)} ({entry['run']})"
 
 
 def line_styles(entries: list[dict], measured: list[dict]):
@@ -713,7 +743,7 @@ def line_styles(entries: list[dict], measured: list[dict]):
 def line_label(entry: dict, entries: list[dict]) -> str:
     """'ResNet-20', plus what else the run folder's name says (swept keys such as
     'block_preact'), and the seed when the panel holds several seeds of this net."""
-    label = f"{LINE_PREFIXES.get(entry['arch'], entry['arch'])}-{entry['depth']}"
+    label = net_name(entry)
     parts = name_without_arch(entry).removeprefix(f"{entry['depth']}-").split("-")
     seeds = {e["seed"] for e in entries if e["arch"] == entry["arch"] and e["depth"] == entry["depth"]}
     if len(seeds) <= 1 and parts[0] == f"s{entry['seed']}":
@@ -747,6 +777,7 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def save_png(fig: Figure, path: Path) -> str:
+    fit_titles(fig)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
     return str(path)
 
@@ -755,11 +786,21 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """For what holds for every analysis of a command (the sample measured on): said once."""
+    if message not in _SAID:
+        _SAID.add(message)
+        _say(message)
+
+
 # --- the command --------------------------------------------------------------------------------
 
 def parse_analyze_args(args: list[str]) -> tuple[list[str], Path, int | None]:
-    """``[ANALYSIS] DIR [--max-images N]`` -> (analyses to run, folder, max images)."""
-    positional, max_images = [], None
+    """``[ANALYSIS] DIR [--max-images N|all]`` -> (analyses to run, folder, max images; None for all)."""
+    positional, max_images = [], DEFAULT_MAX_IMAGES
     index = 0
     while index < len(args):
         arg = args[index]
@@ -770,19 +811,22 @@ def parse_analyze_args(args: list[str]) -> tuple[list[str], Path, int | None]:
                 index += 1
                 value = args[index]
             else:
-                raise UsageError("--max-images needs a number, e.g. --max-images 1000")
-            if not value.isdigit() or int(value) < 1:
-                raise UsageError(f"--max-images must be a positive whole number; got {value!r}")
-            max_images = int(value)
+                raise UsageError("--max-images needs a number or all, e.g. --max-images 1000")
+            if value == "all":
+                max_images = None
+            elif not value.isdigit() or int(value) < 1:
+                raise UsageError(f"--max-images must be a positive whole number or all; got {value!r}")
+            else:
+                max_images = int(value)
         elif arg.startswith("-"):
-            raise UsageError(f"unknown option {arg}; resexp analyze takes only --max-images N")
+            raise UsageError(f"unknown option {arg}; resexp analyze takes only --max-images N|all")
         else:
             positional.append(arg)
         index += 1
     if len(positional) == 1:
         positional = ["all", *positional]
     if len(positional) != 2:
-        raise UsageError("usage: resexp analyze [responses|lesion|gradients|identity|all] DIR [--max-images N]")
+        raise UsageError("usage: resexp analyze [responses|lesion|gradients|identity|all] DIR [--max-images N|all]")
     analysis, folder = positional
     if analysis not in (*ANALYSES, "all"):
         raise UsageError(f"unknown analysis {analysis!r}; choose one of {', '.join(ANALYSES)}, all")

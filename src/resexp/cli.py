@@ -21,19 +21,112 @@ from . import config as config_module
 from .errors import UsageError, exit_with, wants_traceback
 
 USAGE = """\
-usage: resexp COMMAND [ARGS]
+usage: resexp COMMAND [ARGS]        resexp COMMAND --help: what it does, its options, examples
 
 Reproduce the depth experiment of He et al. 2015 (CIFAR-10, section 4.2):
 plain nets get worse with depth, residual nets get better.
 
 commands:
-  train [KEY=VALUE ...]   train one net, e.g.  resexp train arch=plain depth=56
-  sweep [KEY=V1,V2 ...]   train a grid (plain and resnet by default), then draw the figures,
-                          e.g.  resexp sweep depth=20,56,110   or   resexp sweep experiment=figure6
-  plot DIR                redraw the figures and summary of a sweep folder
+  train [KEY=VALUE ...]     train one net
+  sweep [KEY=V1,V2 ...]     train a grid of nets (plain and ResNet by default), then draw the figures
+  plot DIR                  redraw the figures and summary of a sweep folder
+  status DIR                where each run of a sweep stands: queued, running (ETA), done, failed
+  analyze [WHAT] DIR        look inside trained nets: gradients, layer responses, lesions, identity
+  bench [KEY=VALUE ...]     measure training throughput (or memory) against a common baseline
 
-'resexp train --help' lists every option. Errors print one line; HYDRA_FULL_ERROR=1 shows tracebacks.
+examples:
+  resexp sweep depth=20,56,110 schedule=quick       plain and ResNet at three depths, 2k iterations each
+  resexp train arch=plain depth=56                  one net: outputs/plain-56-s0/
+
+Errors print one line; HYDRA_FULL_ERROR=1 shows tracebacks.
 """
+
+# The main options of the help pages: (as typed, config key or a default in words, meaning).
+# A config key's default is read from the composed config, so the help cannot drift from it;
+# every other key is in --cfg job.
+TRAIN_OPTIONS = (
+    ("arch", "arch", "plain | resnet"),
+    ("depth", "depth", "weighted layers, 6n+2: 20, 32, 44, 56, 110 (8, 14 for quick tries)"),
+    ("seed", "seed", "initialisation, data order and augmentation"),
+    ("schedule", "schedule.name", "paper (64k iterations) | quick (2k) | smoke (8, for tests)"),
+    ("data", "data.name", "cifar10 (downloaded into data.root) | imagefolder | synthetic (generated)"),
+    ("data.root", "data.root", "the images' folder (imagefolder: train/<class>/, test/<class>/)"),
+    ("data.train_size", "data.train_size", "train on a stratified subset of this many images (null: all)"),
+    ("model.shortcut", "model.shortcut", "A identity (the paper) | B projection where shapes change | C"),
+    ("model.block", "model.block", "basic (the paper) | preact (He et al. 2016)"),
+    ("model.family", "model.family", "cifar (the paper's conv nets) | mlp (fully connected, any depth >= 2)"),
+    ("device", "device", "auto (cuda if there is one) | cpu | cuda"),
+    ("precision", "precision", "auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32"),
+    ("out", "out", "root folder for results"),
+    ("name", "auto", "the run's folder under out: from arch, depth, seed and what differs from the paper"),
+    ("resume", "resume", "an unfinished run resumes from its checkpoint; false starts it over"),
+    ("progress", "progress", "the progress bar; false for logs"),
+)
+SWEEP_OPTIONS = (
+    ("arch", "plain,resnet", "plain | resnet, or both"),
+    ("experiment", "none", "a preset grid, e.g. figure6 (the paper's Figure 6; all are listed below)"),
+    ("gpus", "sweep.gpus", "0,1,... | all: train runs side by side, one process per GPU"),
+    ("runs_per_gpu", "sweep.runs_per_gpu", "with gpus: how many runs share one GPU"),
+    ("launcher", "launcher.name", "local (one run after another here) | slurm | submitit_local"),
+    ("name", "auto", "the sweep's folder under out: from the swept values, e.g. depth20-56-110"),
+)
+HELP_PAGES = {
+    "train": ("usage: resexp train [KEY=VALUE ...]",
+              "Train one plain or residual net with the paper's recipe (He et al. 2015, section 4.2) into\n"
+              "OUT/NAME/: config, metrics, checkpoints, result. The same command again resumes it.",
+              TRAIN_OPTIONS,
+              ("resexp train arch=plain depth=56                    the paper's schedule: hours on a GPU",
+               "resexp train depth=20 schedule=quick data=imagefolder data.root=data/cifar10-jpeg")),
+    "sweep": ("usage: resexp sweep [KEY=V1,V2 ...]",
+              "Train every combination of the values given (arch=plain,resnet unless set), one run folder\n"
+              "each under OUT/NAME/, then draw curves.png, error_vs_depth.png and summary.md there.\n"
+              "Every value of the grid is checked before anything trains; the same command again skips\n"
+              "finished runs and resumes the others. Any option of resexp train can take several values.",
+              SWEEP_OPTIONS[:1] + TRAIN_OPTIONS[1:3] + SWEEP_OPTIONS[1:]
+              + tuple(option for option in TRAIN_OPTIONS[3:] if option[0] != "name"),
+              ("resexp sweep depth=20,56,110 schedule=quick         plain and ResNet at three depths",
+               "resexp sweep experiment=figure6 gpus=all            the paper's Figure 6, runs side by side")),
+}
+
+
+PLOT_HELP = """\
+usage: resexp plot DIR
+
+Redraw the figures and tables of a sweep folder DIR (or of one run's folder) from its run
+folders, into DIR: curves.png/.pdf (error against iterations, the paper's Figure 6),
+error_vs_depth.png/.pdf and summary.md/.csv. It only reads the runs' files, so it works while
+a sweep is still running, or on a folder copied from a cluster. It takes no options.
+
+examples:
+  resexp plot outputs/depth20-56-110                  the sweep's figures and summary
+  resexp plot outputs/depth20-56-110/resnet-20-s0     one run's curves
+"""
+
+
+def help_page(command: str) -> str:
+    """The --help text of train or sweep, with the defaults of the composed config."""
+    from omegaconf import OmegaConf
+
+    usage, what, options, examples = HELP_PAGES[command]
+    cfg = config_module.compose([])
+    rows = []
+    for spelling, source, meaning in options:
+        default = OmegaConf.select(cfg, source, default=source) if source in config_module.known_keys() else source
+        if isinstance(default, bool):
+            default = str(default).lower()  # as it is typed: resume=false
+        elif default is None:
+            default = "all" if source.endswith("_size") else "none"
+        rows.append(f"  {spelling + '=':<17} {default:<13} {meaning}")
+    # The options of each config group, as installed: GROUP=OPTION picks one.
+    folder = config_module.config_folder()
+    groups = [f"  {group.name}: {', '.join(sorted(path.stem for path in group.glob('*.yaml')))}"
+              for group in sorted(folder.iterdir()) if group.is_dir() and any(group.glob("*.yaml"))
+              and group.name != "hydra"]
+    return "\n".join([usage, "", what, "", f"{'options:':<20}{'default':<14}meaning", *rows, "",
+                      "config groups (GROUP=OPTION):", *groups, "", "examples:",
+                      *(f"  {example}" for example in examples), "",
+                      "Every config key can be set the same way: --cfg job prints them all, resolved;",
+                      "README.md explains each. Errors print one line; HYDRA_FULL_ERROR=1 shows tracebacks."])
 
 # Hydra's own flags: they print something and run nothing, or change where configs come from.
 INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
@@ -125,10 +218,25 @@ def print_result(result: dict, run_dir: Path) -> None:
     print(f"{run_dir}: {result['status']}, {errors}")
 
 
+def hydra_flags(flags: list[str]) -> list[str]:
+    """--cfg job shows the config as a run gets it, with the run's folder name worked out
+    (the hydra part refers to run-time values that cannot be resolved before a run)."""
+    shows_job = any(flag in ("--cfg", "-c") and value == "job" for flag, value in zip(flags, flags[1:]))
+    return [*flags, "--resolve"] if shows_job and "--resolve" not in flags else flags
+
+
+def asks_for_help(flags: list[str]) -> bool:
+    return "--help" in flags or "-h" in flags
+
+
 def train_command(args: list[str]) -> int:
     from .slots import SLOT_OPTIONS
 
     flags, overrides = split_flags(args)
+    if asks_for_help(flags):
+        print(help_page("train"))
+        return 0
+    args = hydra_flags(flags) + overrides
     sweep_words = [o for o in overrides if o.partition("=")[0] in SLOT_OPTIONS]
     if sweep_words:
         raise UsageError(f"{sweep_words[0]} is an option of resexp sweep (several runs at once); resexp train runs "
@@ -187,6 +295,10 @@ def sweep_command(args: list[str]) -> int:
     from .signals import RunInterrupted
 
     flags, overrides = split_flags(args)
+    if asks_for_help(flags):
+        print(help_page("sweep"))
+        return 0
+    flags = hydra_flags(flags)
     # gpus=0,1 reads as a Hydra sweep: it becomes fixed sweep.gpus=[...] before anything parses the overrides.
     overrides, slot_overrides = split_slot_options(overrides)
     overrides += slot_overrides
@@ -204,6 +316,9 @@ def sweep_command(args: list[str]) -> int:
     name = named[0].get_value_element_as_str() if named else sweep_module.sweep_name(overrides)
     sweep_dir = Path(base.out) / name
     check_device(base.device)
+    if not any(o.get_key_element().startswith("data") for o in sweep_module.parse_overrides(overrides)
+               if o.is_sweep_override()):  # a grid over data sets leaves the data to each run
+        sweep_module.fetch_cifar10_once(base)
 
     exit_code = 0
     register_sweeper()
@@ -255,8 +370,7 @@ def plot_command(args: list[str]) -> int:
 
     if len(args) != 1 or args[0].startswith("-"):
         if args and args[0] in ("-h", "--help"):
-            print("usage: resexp plot DIR\n\nRedraw curves.png, error_vs_depth.png and summary.md/.csv "
-                  "from the run folders in DIR.")
+            print(PLOT_HELP, end="")
             return 0
         raise UsageError(f"resexp plot takes one folder (a sweep's or a run's); got {' '.join(args) or 'nothing'}")
     folder = Path(args[0])

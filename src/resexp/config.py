@@ -8,9 +8,12 @@ folder however its overrides were typed.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import math
 import re
 from numbers import Integral, Real
+from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -114,8 +117,15 @@ def _has_submitit_launcher() -> bool:
         return False
 
 
+# Hydra's words for a key that is not in the config; its advice (append with +KEY) is the wrong fix for a typo.
+UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'\.\s*To append to your config use \+")
+
+
 def hydra_error_line(error: BaseException) -> str:
     """Hydra's multi-line composition errors, cut down to one line a user can act on."""
+    unknown = UNKNOWN_KEY.search(str(error))
+    if unknown:
+        return unknown_key_line(unknown.group(1))
     text = str(error).split("Config search path")[0]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
@@ -126,6 +136,44 @@ def hydra_error_line(error: BaseException) -> str:
         group = lines[at].rstrip(":").replace("Available options in", "options for")
         return f"{' '.join(head).removeprefix(chr(39))}; {group}: {', '.join(options)}"
     return " ".join(lines) or type(error).__name__
+
+
+def unknown_key_line(key: str) -> str:
+    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "resexp train --help lists the main ones"
+    return f"unknown key {key!r}: {hint} (--cfg job prints every key)"
+
+
+def config_folder() -> Path:
+    """conf/ as installed (the package resexp.conf)."""
+    from importlib.resources import files
+
+    return Path(str(files(CONFIG_MODULE)))
+
+
+@functools.lru_cache(maxsize=1)
+def known_keys() -> tuple[str, ...]:
+    """Every key a user can set, as dotted paths, read from the config files themselves
+    (composing would need Hydra, which may be mid-run when a sweep reports an error)."""
+    root = config_folder()
+    keys = {"data", "schedule", "launcher", "experiment"}  # the config groups
+
+    def add(node, prefix: str) -> None:
+        for key, value in node.items():
+            if key in ("defaults", "hydra"):
+                continue
+            keys.add(prefix + key)
+            if isinstance(value, dict):
+                add(value, f"{prefix}{key}.")
+
+    for path in [root / "config.yaml", *sorted(root.glob("*/*.yaml"))]:
+        if path.parent.name in ("hydra", "experiment"):  # Hydra's own settings; presets set no new keys
+            continue
+        text = path.read_text()
+        node = OmegaConf.to_container(OmegaConf.create(text), resolve=False) or {}
+        global_package = path.parent == root or "@package _global_" in text
+        add(node, "" if global_package else f"{path.parent.name}.")
+    return tuple(sorted(keys))
 
 
 # --- checking values ---------------------------------------------------------------------------

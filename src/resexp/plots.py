@@ -12,7 +12,7 @@ Outputs (``render_all``):
 - ``error_vs_depth.png``/``.pdf``: error against number of layers, at the end
   of training and just before the first learning-rate drop;
 - ``summary.md``/``.csv``: one row per configuration (every config value that
-  differs between runs except the seed), with the paper's Table 6 numbers.
+  differs between runs except the seed), with the paper's Table 6 numbers for the paper's nets.
 
 Every ``*_data`` function returns exactly what the matching figure draws, with
 errors in percent, so tests can check numbers instead of pixels.
@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import sys
+import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from typing import Any, Iterable
 
 import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
@@ -54,8 +56,15 @@ RUN_FILES = ("config.yaml", "result.json", "metrics.jsonl")
 PAPER_RESNET_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
 
 ARCH_ORDER = ("plain", "resnet")
-PANEL_TITLES = {"plain": "plain networks", "resnet": "residual networks (ResNet)"}
-LINE_PREFIXES = {"plain": "plain", "resnet": "ResNet"}
+# Names by (model.family, arch): the paper's conv nets are "plain-20" and "ResNet-20";
+# fully connected nets must never pass for them.
+PANEL_TITLES = {("cifar", "plain"): "plain networks", ("cifar", "resnet"): "residual networks (ResNet)",
+                ("mlp", "plain"): "plain MLPs (fully connected)", ("mlp", "resnet"): "residual MLPs (fully connected)"}
+LINE_PREFIXES = {("cifar", "plain"): "plain", ("cifar", "resnet"): "ResNet",
+                 ("mlp", "plain"): "plain MLP", ("mlp", "resnet"): "residual MLP"}
+# Said on every figure that shows both errors: readers expect training error below test error.
+TRAIN_ERROR_NOTE = ("training error is measured on the augmented training batches while the net learns, "
+                    "so it can sit above the test error")
 
 # One colour per depth, in depth order, the same in every panel.
 DEPTH_PALETTE = [
@@ -107,6 +116,62 @@ class RunRecord:
     config: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)
     result: dict | None = None
+
+
+def family_of(config: dict) -> str:
+    """``model.family`` of a run's config: "cifar" (the paper's conv nets) or "mlp"."""
+    return str((config.get("model") or {}).get("family") or "cifar")
+
+
+def net_prefix(arch: str, family: str = "cifar") -> str:
+    """'ResNet', 'plain', 'residual MLP', ...: what a net is called in labels and tables."""
+    return LINE_PREFIXES.get((family, arch), f"{arch} {family}" if family != "cifar" else arch)
+
+
+def panel_title(arch: str, families: Iterable[str] = ("cifar",)) -> str:
+    """The title of a panel of one arch; nets of several families get a neutral one."""
+    families = set(families) or {"cifar"}
+    if len(families) == 1:
+        family = families.pop()
+        return PANEL_TITLES.get((family, arch), f"{net_prefix(arch, family)} networks")
+    return f"{net_prefix(arch)} networks ({', '.join(sorted(families))})"
+
+
+# ---------------------------------------------------------------------------
+# Fitting text into a figure
+
+
+def fit_titles(fig: Figure, passes: int = 3) -> None:
+    """Wrap the figure's title, each panel's title and each panel's notes onto more lines
+    until each is no wider than its figure or panel; constrained layout then makes room.
+
+    Measured on the rendered figure, so it holds at any number of panels and any font.
+    """
+    canvas = FigureCanvasAgg(fig)
+    for _ in range(passes):
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        targets = [(fig._suptitle, fig.bbox.width * 0.98)] if fig._suptitle is not None else []
+        for ax in fig.axes:
+            width = ax.get_window_extent(renderer).width
+            targets += [(ax.title, max(width, fig.bbox.width / max(1, len(fig.axes))) * 1.05)]
+            targets += [(text, width * 0.98) for text in ax.texts if text.get_transform() == ax.transAxes]
+        changed = False
+        for text, available in targets:
+            if not text.get_text() or text.get_window_extent(renderer).width <= available:
+                continue
+            text.set_text(_wrapped(text.get_text(), available / text.get_window_extent(renderer).width))
+            changed = True
+        if not changed:
+            return
+
+
+def _wrapped(text: str, fraction: float) -> str:
+    """``text`` with its longest line cut to about ``fraction`` of its length, at spaces
+    (never inside "a = b": no-break spaces hold it together, and draw as spaces)."""
+    lines = text.replace(" = ", "\u00a0=\u00a0").split("\n")
+    width = max(8, int(max(len(line) for line in lines) * fraction * 0.95))
+    return "\n".join(textwrap.fill(line, width, break_long_words=False) or line for line in lines)
 
 
 # ---------------------------------------------------------------------------
@@ -264,6 +329,10 @@ class _Group:
     variant_index: int  # 0 for the most common variant of the arch
     runs: list[RunRecord]
 
+    @property
+    def family(self) -> str:
+        return family_of(self.runs[0].config)
+
 
 def _variant_keys(runs: list[RunRecord]) -> dict[str, list[str]]:
     """Per arch, the config keys whose values differ between runs of the same depth.
@@ -331,7 +400,7 @@ def _variant_text(label_variant: tuple) -> str:
     parts = []
     for key, value in label_variant:
         section, _, last = key.rpartition(".")
-        if section in named_sections and last != "name":
+        if (section in named_sections and last != "name") or key == "model.family":  # the name says the family
             continue
         if last == "name" and section:
             parts.append(f"{section.rsplit('.', 1)[-1]} {value}")
@@ -345,14 +414,13 @@ def _variant_text(label_variant: tuple) -> str:
 
 
 def _line_label(group: _Group) -> str:
-    prefix = LINE_PREFIXES.get(group.arch, group.arch)
-    label = f"{prefix}-{group.depth}"
+    label = f"{net_prefix(group.arch, group.family)}-{group.depth}"
     variant = _variant_text(group.label_variant)
     return f"{label} ({variant})" if variant else label
 
 
-def _series_label(arch: str, label_variant: tuple) -> str:
-    prefix = LINE_PREFIXES.get(arch, arch)
+def _series_label(arch: str, family: str, label_variant: tuple) -> str:
+    prefix = net_prefix(arch, family)
     variant = _variant_text(label_variant)
     return f"{prefix} ({variant})" if variant else prefix
 
@@ -461,19 +529,23 @@ def curves_data(runs: list[RunRecord], ymax: float | None = None) -> dict:
         milestones = sorted({m for g in arch_groups for r in g.runs for m in _milestones(r)})
         panels.append({
             "arch": arch,
-            "title": PANEL_TITLES.get(arch, f"{arch} networks"),
+            "title": panel_title(arch, {g.family for g in arch_groups}),
             "milestones": milestones,
             "lines": lines,
         })
 
     all_lines = [line for p in panels for line in p["lines"]]
     max_iteration = max((line["iterations"][-1] for line in all_lines if line["iterations"]), default=0)
+    # The x-axis spans the whole schedule, so a partial sweep shows how far it has come.
+    planned = max((_iterations_planned(r) or 0 for r in runs), default=0)
+    x_max = max(max_iteration, planned)
     eval_set = _eval_set_name(runs)
     return {
         "title": _figure_title(runs, eval_set),
         "eval_set": eval_set,
         "ymax": float(ymax) if ymax is not None else auto_ymax(all_lines),
-        "x_unit": _x_unit(max_iteration),
+        "x_unit": _x_unit(x_max),
+        "x_max": x_max,
         "panels": panels,
     }
 
@@ -588,8 +660,8 @@ def _figure_title(runs: list[RunRecord], eval_set: str) -> str:
             text += ")"
         parts.append(text)
     head = ", ".join(parts)
-    key = f"dashed = training error, bold = {eval_set} error"
-    return f"{head}: {key}" if head else key
+    key = f"dashed = training error, bold = {eval_set} error; {TRAIN_ERROR_NOTE}"
+    return f"{head}\n{key}" if head else key
 
 
 def plot_curves(runs: list[RunRecord], path: str | os.PathLike, ymax: float | None = None) -> dict:
@@ -606,7 +678,7 @@ def plot_curves(runs: list[RunRecord], path: str | os.PathLike, ymax: float | No
         fig = Figure(figsize=(6.0 * len(panels) + 0.5, 5.2), layout="constrained")
         axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
         for ax, panel in zip(axes, panels):
-            _draw_curve_panel(ax, panel, data["ymax"], x_unit)
+            _draw_curve_panel(ax, panel, data["ymax"], x_unit, data["x_max"])
         axes[0].set_ylabel("error (%)")
         fig.suptitle(data["title"])
         files = _save(fig, path)
@@ -614,7 +686,7 @@ def plot_curves(runs: list[RunRecord], path: str | os.PathLike, ymax: float | No
     return data
 
 
-def _draw_curve_panel(ax, panel: dict, ymax: float, x_unit: int) -> None:
+def _draw_curve_panel(ax, panel: dict, ymax: float, x_unit: int, x_max: int) -> None:
     for milestone in panel["milestones"]:
         ax.axvline(milestone / x_unit, color="0.55", linestyle="--", linewidth=0.9, zorder=0)
     handles = []
@@ -635,7 +707,10 @@ def _draw_curve_panel(ax, panel: dict, ymax: float, x_unit: int) -> None:
                 ax.plot([x[last]], [min(test[last], ymax * 0.98)], marker="x", color=line["colour"],
                         markersize=10, markeredgewidth=2.5, linestyle="none", clip_on=False, zorder=5)
     ax.set_ylim(0, ymax)
-    ax.set_xlim(left=0)
+    if x_max:
+        ax.set_xlim(0, x_max / x_unit)
+    else:
+        ax.set_xlim(left=0)
     ax.set_xlabel("iter. (1e4)" if x_unit == 10_000 else ("iter. (1e3)" if x_unit == 1_000 else "iter."))
     ax.set_title(panel["title"])
     if handles:
@@ -668,7 +743,7 @@ def depth_data(runs: list[RunRecord], at_iteration: int | None = None) -> dict:
     for group in groups:
         entry = series.setdefault((group.arch, group.label_variant), {
             "arch": group.arch,
-            "label": _series_label(group.arch, group.label_variant),
+            "label": _series_label(group.arch, group.family, group.label_variant),
             "variant": dict(group.label_variant),
             "depths": [], "train_mean": [], "train_std": [], "test_mean": [], "test_std": [],
             "n": [], "unfinished": [], "left_out": [],
@@ -708,6 +783,9 @@ def depth_data(runs: list[RunRecord], at_iteration: int | None = None) -> dict:
         "at_iteration": at_iteration,
         "iterations_used": sorted(iterations_used),
         "series": list(series.values()),
+        # For a panel with nothing to draw yet: the sweep's depths and what its runs did.
+        "depths_planned": sorted({r.depth for r in runs if r.depth}),
+        "statuses": dict(sorted(Counter(r.status for r in runs).items())),
     }
 
 
@@ -747,7 +825,7 @@ def error_vs_depth_data(runs: list[RunRecord], at_iteration: int | None = None) 
         at["title"] = _at_title(at, before_drop)
     eval_set = _eval_set_name(runs)
     return {
-        "title": f"Error vs. depth: dashed = training error, solid = {eval_set} error",
+        "title": f"Error vs. depth: dashed = training error, solid = {eval_set} error; {TRAIN_ERROR_NOTE}",
         "eval_set": eval_set,
         "end": end,
         "at": at,
@@ -816,7 +894,15 @@ def _draw_depth_panel(ax, data: dict, eval_set: str) -> None:
         ax.set_ylim(0, highest * 1.15 if highest * 1.15 <= 100 else max(100.0, highest + 2))
         ax.legend(loc="best", framealpha=0.9)
     else:
-        ax.text(0.5, 0.5, "no evaluations yet", transform=ax.transAxes, ha="center", va="center", color="0.4")
+        # Nothing to draw: keep the axes of the sweep (its depths, 0-100 %) and say what its runs did.
+        depths = data["depths_planned"]
+        if depths:
+            ax.set_xlim(depths[0] - 2, depths[-1] + 2)
+            ax.set_xticks(depths)
+        ax.set_ylim(0, 100)
+        runs_text = ", ".join(f"{count} {status}" for status, count in data["statuses"].items())
+        ax.text(0.5, 0.5, f"no evaluations yet ({runs_text})", transform=ax.transAxes, ha="center",
+                va="center", color="0.4")
     # An unfinished run's latest evaluation is not its end of training: say so at its point.
     for series in data["series"]:
         for depth, test_mean, iteration in zip(series["depths"], series["test_mean"], series.get("unfinished", [])):
@@ -824,7 +910,7 @@ def _draw_depth_panel(ax, data: dict, eval_set: str) -> None:
                 ax.annotate(f"unfinished\n(iter. {_short_count(iteration)})", (depth, test_mean),
                             textcoords="offset points", xytext=(6, 6), fontsize=8, color="0.3")
     left_out = [f"{s['label']}-{x['depth']} ({x['reason']})" for s in data["series"] for x in s["left_out"]]
-    if left_out:
+    if left_out and all_depths:  # with nothing drawn, the panel's own note says why
         ax.text(0.01, 0.01, "not shown: " + ", ".join(left_out), transform=ax.transAxes,
                 ha="left", va="bottom", fontsize=8, color="0.3")
     ax.set_xlabel("number of layers")
@@ -836,7 +922,7 @@ def _draw_depth_panel(ax, data: dict, eval_set: str) -> None:
 # Summary table
 
 SUMMARY_COLUMNS = [
-    "arch", "depth", "variant", "parameters", "n_seeds", "seeds",
+    "arch", "family", "depth", "variant", "parameters", "n_seeds", "seeds",
     "final_train_error_pct", "final_train_error_pct_std",
     "final_test_error_pct", "final_test_error_pct_std",
     "best_test_error_pct", "paper_test_error_pct",
@@ -865,6 +951,7 @@ def summary_rows(runs: list[RunRecord]) -> list[dict]:
         planned = {_iterations_planned(r) for r in group.runs} - {None}
         rows.append({
             "arch": group.arch,
+            "family": group.family,
             "depth": group.depth,
             "variant": _variant_text(group.label_variant),
             "parameters": _first_value(group.runs, "parameters"),
@@ -912,13 +999,12 @@ def _images_per_s(run: RunRecord) -> float:
 
 
 def _paper_value(group: _Group) -> float | None:
-    """Table 6 applies to ResNets with the paper's option-A shortcuts only."""
-    if group.arch != "resnet":
-        return None
-    shortcut = (group.runs[0].config.get("model") or {}).get("shortcut")
-    if shortcut not in (None, "A"):
-        return None
-    return PAPER_RESNET_TEST_ERROR.get(group.depth)
+    """Table 6 applies to the paper's nets only: conv ResNets with basic blocks, option-A shortcuts
+    and an unscaled residual branch."""
+    model = group.runs[0].config.get("model") or {}
+    paper_net = (group.arch == "resnet" and group.family == "cifar" and model.get("shortcut") in (None, "A")
+                 and model.get("block") in (None, "basic") and model.get("residual_scale") in (None, 1, 1.0))
+    return PAPER_RESNET_TEST_ERROR.get(group.depth) if paper_net else None
 
 
 def _status_text(group: _Group, counted: list[RunRecord]) -> str:
@@ -976,7 +1062,7 @@ def _summary_markdown(rows: list[dict], eval_set: str) -> str:
     align = ["---"] + (["---"] if show_variant else []) + ["--:"] * 9 + ["---"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for row in rows:
-        cells = [f"{LINE_PREFIXES.get(row['arch'], row['arch'])}-{row['depth']}"]
+        cells = [f"{net_prefix(row['arch'], row['family'])}-{row['depth']}"]
         if show_variant:
             cells.append(row["variant"])
         cells += [
@@ -999,8 +1085,8 @@ def _summary_markdown(rows: list[dict], eval_set: str) -> str:
         f"training batches since the previous evaluation. Diverged runs are excluded from the means; "
         f"when some seeds are done, only the done ones are counted.",
         "Best = lowest {0} error any counted seed reached. Paper = He et al. 2015, Table 6 "
-        "(ResNet-110: best of 5 runs, mean 6.61 ± 0.16); the paper reports plain nets only "
-        "in Figure 6.".format(eval_name),
+        "(ResNet-110: best of 5 runs, mean 6.61 ± 0.16), shown only for the paper's nets (conv ResNets, "
+        "basic blocks, option-A shortcuts); the paper reports plain nets only in Figure 6.".format(eval_name),
     ]
     if eval_set != "test":
         footer.append(f"Runs evaluated on a {eval_set} set; the paper's numbers are test error.")
@@ -1056,6 +1142,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> list[str]:
     """Write the figure as PNG at ``path`` and as PDF beside it, each atomically."""
     png = Path(path).with_suffix(".png")
     pdf = png.with_suffix(".pdf")
+    fit_titles(fig)
     atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=DPI), "wb")
     with _quiet_font_subsetting():
         atomic_write(pdf, lambda f: fig.savefig(f, format="pdf"), "wb")

@@ -159,6 +159,19 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
     return planned
 
 
+def fetch_cifar10_once(cfg: DictConfig) -> None:
+    """Get CIFAR-10 for a sweep here, once, before any run starts: offline, every run would
+    try the download again and fail the same way. Raises the one-line error a single run gives."""
+    if cfg.data.name != "cifar10":
+        return
+    from torchvision.datasets import CIFAR10
+
+    from .data import load_data
+
+    if not (Path(cfg.data.root) / CIFAR10.base_folder).is_dir():
+        load_data("cifar10", cfg.data.root, download=bool(cfg.data.download))
+
+
 def write_sweep_record(sweep_dir: Path, record: dict) -> None:
     atomic_write_json(sweep_dir / SWEEP_RECORD, record)
 
@@ -247,7 +260,8 @@ def outcome_table(record: dict) -> tuple[str, bool]:
         any_failed |= status in ("failed",) or outcome in ("failed", "not run")
         rows.append((job["run"], shown, _percent(result.get("final_train_error")),
                      _percent(result.get("final_test_error")),
-                     f"{result.get('iterations_done', '')}/{result.get('iterations', '')}",
+                     # A run that failed before it started has no numbers: an empty cell, not "/".
+                     f"{result.get('iterations_done') or 0}/{result['iterations']}" if result.get("iterations") else "",
                      format_duration(result["wall_time_s"]) if result.get("wall_time_s") else ""))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
