@@ -317,3 +317,9 @@ def test_analyze_command(sweep_folder, tmp_path, capsys):
     ]:
         with pytest.raises(UsageError, match=message):
             analyze_command(args)
+
+
+def test_analysing_an_unfinished_run_says_so(tmp_path, capsys):
+    train(config_module.compose([*TINY_RUN, "arch=resnet"]), tmp_path / "resnet-8-s0", stop_after=4)
+    assert analyze_command(["identity", str(tmp_path), "--max-images", "20"]) == 0
+    assert "resnet-8-s0 is not finished: analysing its checkpoint at iteration 4 of 16" in capsys.readouterr().err

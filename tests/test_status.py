@@ -128,3 +128,35 @@ def test_bad_arguments_are_one_line_usage_errors(tmp_path, monkeypatch, args, me
 def test_a_folder_without_runs_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="holds no runs"):
         status_command([str(tmp_path)])
+
+
+def test_run_records_with_the_wrong_types_are_reported_not_a_traceback(tmp_path, cli_env):
+    """A result.json or metrics line that resexp did not write (types wrong): status and plot say which
+    file is damaged and carry on with the rest."""
+    import subprocess
+    import sys
+
+    sweep_dir = tmp_path / "sweep"
+    make_run(sweep_dir, "resnet-20-s0", "done", evaluations=[(50, 10.0, 0.5, 0.6)])
+    damaged = sweep_dir / "plain-20-s0"
+    damaged.mkdir()
+    (damaged / "result.json").write_text(json.dumps({"status": "done", "final_train_error": "low", "iterations": []}))
+    (damaged / "metrics.jsonl").write_text(json.dumps({"iteration": "ten", "train_error": "x"}) + "\n")
+
+    shown = subprocess.run([sys.executable, "-m", "resexp", "status", str(sweep_dir)], env=cli_env,
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert "damaged" in shown.stdout and "plain-20-s0/result.json: iterations is []" in shown.stdout
+    assert "resnet-20-s0" in shown.stdout
+
+    drawn = subprocess.run([sys.executable, "-m", "resexp", "plot", str(sweep_dir)], env=cli_env,
+                           capture_output=True, text=True, timeout=300)
+    assert drawn.returncode == 0 and "Traceback" not in drawn.stderr, drawn.stderr
+    assert "plain-20-s0/result.json is unreadable" in drawn.stderr and (sweep_dir / "curves.png").exists()
+
+
+def test_status_of_a_file_says_it_is_a_file(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a sweep\n")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        status_command([str(a_file)])

@@ -135,6 +135,10 @@ class NetLoader:
             state, config = checkpoint["model"], checkpoint["config"]
         except Exception as error:
             raise UsageError(f"{path}: unreadable checkpoint ({type(error).__name__})") from error
+        done, planned = checkpoint.get("iteration"), config.get("schedule", {}).get("iterations")
+        if isinstance(done, int) and isinstance(planned, int) and done < planned:
+            print(f"note: {run.name} is not finished: analysing its checkpoint at iteration {done} of {planned}",
+                  file=sys.stderr)
         images, labels, mean, classes, eval_set = self._images(config)
         model = model_from_config(config, num_classes=len(classes))
         try:

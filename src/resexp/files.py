@@ -73,6 +73,37 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+# The fields of a run's result.json that readers compute with, and their types (null is allowed).
+RESULT_FIELD_TYPES = {"status": str, "arch": str, "run_name": str, "error": str, "depth": int, "seed": int,
+                      "iterations": int, "iterations_done": int, "parameters": int, "diverged_at": int,
+                      "final_train_error": float, "final_test_error": float, "final_train_loss": float,
+                      "final_test_loss": float, "best_test_error": float, "wall_time_s": float,
+                      "images_per_s": float}
+
+
+def read_result(path: str | os.PathLike) -> dict:
+    """A run's result.json, checked: a JSON object whose known fields have their types.
+
+    Raises ValueError naming the first field that does not, so a hand-edited or foreign file
+    is reported as damaged instead of breaking the table or the figures.
+    """
+    record = read_json(path)
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    for key, kind in RESULT_FIELD_TYPES.items():
+        value = record.get(key)
+        if value is None:
+            continue
+        if kind is str:
+            fits = isinstance(value, str)
+        else:
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                (kind is float or float(value).is_integer())
+        if not fits:
+            raise ValueError(f"{key} is {value!r}, not {'a number' if kind is float else 'an integer' if kind is int else 'text'}")
+    return record
+
+
 def _jsonl_line(record: dict) -> str:
     return json.dumps(record, sort_keys=True) + "\n"
 

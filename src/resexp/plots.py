@@ -47,7 +47,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from resexp.errors import UsageError
-from resexp.files import atomic_write, atomic_write_text, read_json, read_jsonl
+from resexp.files import atomic_write, atomic_write_text, read_jsonl, read_result
 
 RUN_FILES = ("config.yaml", "result.json", "metrics.jsonl")
 
@@ -210,9 +210,7 @@ def _load_run(path: Path) -> RunRecord:
     if (path / "result.json").is_file():
         # One damaged file must not stop the figures of a whole sweep: warn and draw the rest.
         try:
-            result = read_json(path / "result.json")
-            if not isinstance(result, dict):
-                raise ValueError("expected a JSON object")
+            result = read_result(path / "result.json")
         except (ValueError, OSError) as e:
             print(f"warning: {path / 'result.json'} is unreadable ({e}); its run is shown from its metrics",
                   file=sys.stderr)
@@ -273,8 +271,8 @@ def _clean_metrics(rows: list[dict]) -> list[dict]:
     """Sort by iteration; when a resumed run logged an iteration twice, keep the latest."""
     by_iteration: dict[int, dict] = {}
     for row in rows:
-        if isinstance(row, dict) and row.get("iteration") is not None:
-            by_iteration[int(row["iteration"])] = row
+        if isinstance(row, dict) and isinstance(row.get("iteration"), int) and not isinstance(row["iteration"], bool):
+            by_iteration[row["iteration"]] = row
     return [by_iteration[i] for i in sorted(by_iteration)]
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .files import read_json, read_jsonl
+from .files import read_json, read_jsonl, read_result
 
 SWEEP_RECORD = "sweep.json"
 RESULT = "result.json"
@@ -65,10 +65,17 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _read_metrics(path: Path) -> list[dict]:
+    """The metrics lines that have the numbers the table uses (others were not written by a run)."""
     try:
-        return read_jsonl(path)
+        rows = read_jsonl(path)
     except (OSError, ValueError):
         return []
+
+    def number(value) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    return [row for row in rows if isinstance(row, dict) and isinstance(row.get("iteration"), int)
+            and all(number(row.get(key)) for key in ("train_error", "test_error", "time_s"))]
 
 
 def _planned_iterations(run_dir: Path) -> int | None:
@@ -97,10 +104,13 @@ def run_status(run_dir: Path, planned: dict | None = None, now: float | None = N
     planned = planned or {}
     now = time.time() if now is None else now
     name = planned.get("run") or run_dir.name
-    result = _read_json(run_dir / RESULT)
     metrics = _read_metrics(run_dir / METRICS)
     last = metrics[-1] if metrics else {}
     where = _where(run_dir, planned.get("job_id"))
+    try:
+        result = read_result(run_dir / RESULT) if (run_dir / RESULT).exists() else None
+    except (OSError, ValueError) as error:  # written by hand, or by something else
+        return RunStatus(name, "damaged", where=where, error=f"{run_dir / RESULT}: {error}")
 
     if result is None:
         # Nothing on disk yet; the sweep record may know why (a job that failed before training).
@@ -175,8 +185,10 @@ def sweep_status(folder: Path, now: float | None = None) -> list[RunStatus]:
     """Every run of the sweep in ``folder``: the planned ones in order, then any others on disk."""
     if _is_run_folder(folder) and not (folder / SWEEP_RECORD).exists():
         return [run_status(folder, now=now)]
-    record = _read_json(folder / SWEEP_RECORD) or {}
-    planned = [job for job in record.get("runs", []) if job.get("run")]
+    record = _read_json(folder / SWEEP_RECORD)
+    jobs = record.get("runs") if isinstance(record, dict) else None
+    planned = [job for job in jobs if isinstance(job, dict) and isinstance(job.get("run"), str)] \
+        if isinstance(jobs, list) else []
     planned_names = {job["run"] for job in planned}
     on_disk = sorted(p.name for p in folder.iterdir() if _is_run_folder(p) and p.name not in planned_names)
     return ([run_status(folder / job["run"], job, now) for job in planned]
@@ -215,7 +227,7 @@ def status_table(folder: Path, runs: list[RunStatus]) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     problems = [f"  {run.name}: {run.error.strip().splitlines()[0]}" for run in runs
-                if run.error and run.state in ("failed", "diverged", "stalled")]
+                if run.error and run.state in ("failed", "diverged", "stalled", "damaged")]
     return "\n".join([header, *lines, *(["", "errors:", *problems] if problems else [])])
 
 
@@ -227,7 +239,8 @@ def status_command(args: list[str]) -> int:
         raise UsageError(f"resexp status takes one folder (a sweep's or a run's); got {' '.join(args) or 'nothing'}")
     folder = Path(args[0])
     if not folder.is_dir():
-        raise UsageError(f"folder {folder} does not exist")
+        raise UsageError(f"{folder} is a file, not a folder: give a sweep's or a run's folder" if folder.exists()
+                         else f"folder {folder} does not exist")
     runs = sweep_status(folder)
     if not runs:
         raise UsageError(f"{folder} holds no runs (no {SWEEP_RECORD} and no run folders)")

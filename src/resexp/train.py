@@ -43,7 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as config_module
 from .data import TrainBatches, load_data, normalize, pixel_mean
 from .errors import UsageError
-from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl, write_jsonl
+from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl,
+                    read_result, write_jsonl)
 from .models import build_model, count_parameters, gradient_norms
 from .signals import RunInterrupted, StopSignals
 
@@ -659,8 +660,8 @@ def existing_result(run_dir: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        result = read_json(path)
-        if not isinstance(result, dict) or "status" not in result:
+        result = read_result(path)
+        if "status" not in result:
             raise ValueError("no status")
         return result
     except (OSError, ValueError):
