@@ -219,6 +219,7 @@ CASES = [
     Case("bench-json-under-a-file", ("bench", "device=cpu", "json={inputs}/a-file/bench.json"),
          ("{inputs}/a-file", "not a folder"), setup=a_file),
     Case("sweep-empty-range", ("sweep", "seed=range(0,0)"), ("seed=range(0,0)",)),
+    Case("status-of-a-file", ("status", "{inputs}/a-file"), ("{inputs}/a-file", "not a folder"), setup=a_file),
     # Refused before Hydra writes into the run folder: the finished run's records stay as they were.
     Case("resume-with-another-lr", ("train", "schedule.lr=0.05"), ("another config", "schedule.lr")),
     Case("another-depth-into-a-finished-run", ("train", "depth=14", "name=resnet-8-s0-smoke-synthetic"),

@@ -201,3 +201,24 @@ def test_a_run_being_trained_by_another_process_is_refused_in_one_line(tmp_path,
     iterations = [json.loads(line)["iteration"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert iterations == list(range(50, 401, 50))  # every line once
     assert not lock.exists()
+
+
+def test_the_same_sweep_started_twice_at_once_is_refused_in_one_line(tmp_path, cli_env):
+    command = [sys.executable, "-m", "resexp", "sweep", "arch=resnet", "depth=8", "data=synthetic", "schedule=smoke",
+               "schedule.iterations=400", "schedule.eval_every=50", "schedule.milestones=[]", "progress=false",
+               "device=cpu", f"out={tmp_path}", "name=twice"]
+    first = subprocess.Popen(command, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    locks = []
+    deadline = time.time() + 120
+    while not locks and first.poll() is None and time.time() < deadline:
+        locks = list((tmp_path / "twice").glob(f"*/{train_module.LOCK}"))
+        time.sleep(0.05)
+    assert locks, "the first sweep never started its run"
+    run_dir = locks[0].parent
+    second = subprocess.run(command, env=cli_env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert lines[-1].startswith("resexp: error:") and f"being trained by process {first.pid}" in lines[-1]
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in metrics] == list(range(50, 401, 50))
