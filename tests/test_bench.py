@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from resexp.bench import bench_command, forward_macs, parse_arguments, training_tflops
+from resexp.bench import bench_command, parse_arguments, training_tflops
 from resexp.errors import UsageError
-from resexp.models import build_model, count_parameters
+from resexp.models import build_model, count_parameters, forward_macs
 
 # Forward multiply-adds of the paper's CIFAR ResNets (shortcut A adds none), in millions.
 PAPER_MACS_MILLIONS = {20: 40.6, 56: 125.5, 110: 252.9}

@@ -82,6 +82,7 @@ def test_rerun_skips_finished_continues_partial_and_retries_failed(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     args = ["depth=8", "schedule=smoke", "data=synthetic", "progress=false", "device=cpu", "name=demo"]
     assert cli.main(["sweep", *args]) == 0
+    assert "estimated wall time: about" in capsys.readouterr().err  # said before the runs start
     sweep_dir = tmp_path / "outputs" / "demo"
     runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert runs == ["plain-8-s0", "resnet-8-s0"]
@@ -104,3 +105,39 @@ def test_rerun_skips_finished_continues_partial_and_retries_failed(tmp_path, mon
     assert "plain-8-s0" in table and "skipped" in table
     for name in ("curves.png", "error_vs_depth.png", "summary.md", "summary.csv"):
         assert (sweep_dir / name).stat().st_size > 0
+
+
+# --- what a sweep will cost -----------------------------------------------------------------------
+
+def test_the_eta_weighs_the_runs_left_by_their_cost(tmp_path):
+    """After a cheap run took 10 s, two runs five times its cost take 100 s, not 20 s."""
+    from resexp.estimate import eta_of_sweep
+
+    for name, status in (("cheap", "done"), ("deep", None), ("deeper", None)):
+        (tmp_path / name).mkdir()
+        if status:
+            (tmp_path / name / "result.json").write_text(json.dumps({"status": status, "wall_time_s": 10.0}))
+    runs = [{"run": "cheap", "cost": 1.0}, {"run": "deep", "cost": 5.0}, {"run": "deeper", "cost": 5.0}]
+    assert eta_of_sweep(tmp_path, runs) == pytest.approx(100.0)
+    assert eta_of_sweep(tmp_path, runs[1:]) is None  # nothing finished yet: no rate to go by
+
+
+def test_cost_counts_multiply_adds_and_the_iterations_left(tmp_path):
+    from resexp.estimate import run_cost
+
+    shallow, deep = (compose(["arch=resnet", f"depth={depth}", "schedule=smoke"]) for depth in (20, 56))
+    assert run_cost(deep) / run_cost(shallow) == pytest.approx(125.5 / 40.6, rel=0.01)  # the paper's MACs
+    (tmp_path / "result.json").write_text(json.dumps({"iterations": 8, "iterations_done": 6}))
+    assert run_cost(shallow, tmp_path) == pytest.approx(run_cost(shallow) * 2 / 8)
+
+
+def test_a_long_cpu_sweep_is_told_its_cost_and_the_quick_way():
+    from resexp.estimate import cost_line, run_cost
+
+    paper = compose(["arch=resnet", "depth=20", "device=cpu"])
+    line = cost_line([paper], [run_cost(paper)])
+    assert line.startswith("estimated wall time: about") and "this CPU" in line
+    assert "schedule=quick" in line and "\n" not in line  # 64k iterations on a CPU: hours
+    smoke = compose(["arch=resnet", "depth=8", "schedule=smoke", "device=cpu"])
+    assert "schedule=quick" not in cost_line([smoke], [run_cost(smoke)])
+    assert cost_line([smoke], [0.0]) is None  # nothing left to train

@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import UsageError
+from .models import forward_macs
 from .train import usable_cores
 
 USAGE = """\
@@ -224,38 +225,6 @@ PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
 
 
 # --- what the hardware does -------------------------------------------------------------------
-
-def forward_macs(model: nn.Module, image_shape: tuple[int, ...] = (3, 32, 32)) -> int:
-    """Multiply-adds of one image's forward pass through the convolutions and dense layers.
-
-    Each layer contributes (output elements) x (inputs each one sums over), read from the
-    module's shapes during one forward pass; normalisation, activations and additions are
-    left out, as in the usual FLOP counts.
-    """
-    total = 0
-
-    def count(module: nn.Module, inputs, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            height, width = module.kernel_size
-            total += output.numel() * (module.in_channels // module.groups) * height * width
-        else:
-            total += output.numel() * module.in_features
-
-    hooks = [module.register_forward_hook(count) for module in model.modules()
-             if isinstance(module, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()  # a forward in training mode would update the BN statistics
-    try:
-        with torch.no_grad():
-            parameter = next(model.parameters())
-            model(torch.zeros(1, *image_shape, device=parameter.device, dtype=parameter.dtype))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return total
-
 
 def training_tflops(macs_per_image: int, images_per_s: float) -> float:
     """Achieved TFLOP/s: 2 FLOPs per multiply-add, and forward + backward ~ 3x the forward pass."""

@@ -452,3 +452,41 @@ def gradient_norms(model: nn.Module) -> list[float]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def forward_macs(model: nn.Module, image_shape: tuple[int, ...] = (3, 32, 32)) -> int:
+    """Multiply-adds of one image's forward pass through the convolutions and dense layers.
+
+    Each layer contributes (output elements) x (inputs each one sums over), read from the
+    module's shapes during one forward pass; normalisation, activations and additions are
+    left out, as in the usual FLOP counts.
+    """
+    total = 0
+
+    def count(module: nn.Module, inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            height, width = module.kernel_size
+            total += output.numel() * (module.in_channels // module.groups) * height * width
+        else:
+            total += output.numel() * module.in_features
+
+    hooks = [module.register_forward_hook(count) for module in model.modules()
+             if isinstance(module, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()  # a forward in training mode would update the BN statistics
+    try:
+        with torch.no_grad():
+            parameter = next(model.parameters())
+            model(torch.zeros(1, *image_shape, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return total
+
+
+def build_model_for(cfg, num_classes: int = 10) -> nn.Module:
+    """The net a run's config (``arch``, ``depth``, ``model.*``) describes."""
+    return build_model(cfg.arch, cfg.depth, cfg.model.shortcut, num_classes=num_classes, block=cfg.model.block,
+                       residual_scale=cfg.model.residual_scale, family=cfg.model.family, width=cfg.model.width)

@@ -122,6 +122,7 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
     With ``sweep_dir``, a run folder that already holds a run of another config (or one that another
     process is training) is refused here too, before anything is written into it.
     """
+    from .estimate import run_cost
     from .train import check_resumable
 
     found: list[str] = []
@@ -148,7 +149,9 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
             except UsageError as error:
                 found.append(str(error))
                 continue
-        planned.append({"run": run, "overrides": overrides})
+        # What is left to train, for the cost line before the sweep and the ETA during it.
+        planned.append({"run": run, "overrides": overrides,
+                        "cost": run_cost(cfg, sweep_dir / run if sweep_dir is not None else None)})
     if found:
         unique = list(dict.fromkeys(found))
         raise UsageError(f"the sweep has {len(unique)} problem(s), nothing was run: " + "; ".join(unique))
@@ -229,19 +232,13 @@ def job_return(overrides: list[str], run_dir: Path, record: dict | None):
 
 
 def sweep_eta(sweep_dir: Path, job_number: int, total: int) -> str:
-    """A rough ETA from the wall time of the runs already finished in this sweep folder."""
-    times = []
-    for result in sweep_dir.glob("*/result.json"):
-        try:
-            record = read_json(result)
-        except (OSError, ValueError):
-            continue
-        if record.get("status") == "done" and record.get("wall_time_s"):
-            times.append(record["wall_time_s"])
-    if not times:
-        return ""
-    remaining = (total - job_number) * sum(times) / len(times)
-    return f" (ETA {format_duration(remaining)} for the remaining runs)"
+    """The ETA of the runs left, from the finished runs' wall times, each run weighed by its cost."""
+    from .estimate import eta_of_sweep
+
+    record = read_sweep_record(sweep_dir) or {}
+    runs = record.get("runs") if isinstance(record.get("runs"), list) else []
+    seconds = eta_of_sweep(sweep_dir, [job for job in runs if isinstance(job, dict) and "run" in job])
+    return "" if seconds is None else f" (ETA {format_duration(seconds)} for the remaining runs)"
 
 
 # --- after the sweep ----------------------------------------------------------------------------

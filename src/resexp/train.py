@@ -45,7 +45,7 @@ from .data import TrainBatches, load_data, normalize, pixel_mean
 from .errors import UsageError
 from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl,
                     read_result, write_jsonl)
-from .models import build_model, count_parameters, gradient_norms
+from .models import build_model_for, count_parameters, gradient_norms
 from .signals import RunInterrupted, StopSignals
 
 CHECKPOINT = "checkpoint.pt"
@@ -786,9 +786,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
                            mean, padding=cfg.data.augment.padding, flip=cfg.data.augment.flip)
     test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
     torch.manual_seed(cfg.seed)  # model init
-    model = build_model(cfg.arch, cfg.depth, cfg.model.shortcut, num_classes=len(data.classes), block=cfg.model.block,
-                        residual_scale=cfg.model.residual_scale, family=cfg.model.family, width=cfg.model.width)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = build_model_for(cfg, num_classes=len(data.classes)).to(device, memory_format=torch.channels_last)
     parameters = count_parameters(model)
     lr_tensor = learning_rate_tensor(schedule.lr, device)  # the loop fills it every iteration
     optimizer = make_optimizer(model, schedule, device, lr=lr_tensor)

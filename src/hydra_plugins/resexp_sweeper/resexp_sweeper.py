@@ -49,6 +49,15 @@ class ResexpSweeper(BasicSweeper):
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         print(f"sweep folder: {sweep_dir} ({len(planned)} runs)", file=sys.stderr, flush=True)
+        if not is_submitit_launcher(self.launcher):  # the runs train here: say what they will cost
+            from resexp.estimate import cost_line
+
+            left = [job for job in planned if job["cost"] > 0]
+            gpus = self.config.sweep.gpus
+            line = cost_line([compose(job["overrides"]) for job in left], [job["cost"] for job in left],
+                             parallel=len(gpus) if gpus else 1)
+            if line:
+                print(line, file=sys.stderr, flush=True)
         previous_record = resexp_sweep.read_sweep_record(sweep_dir) if sweep_dir.exists() else None
         new_folder = not sweep_dir.exists()
         sweep_dir.mkdir(parents=True, exist_ok=True)
