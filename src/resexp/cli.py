@@ -254,14 +254,9 @@ def train_command(args: list[str]) -> int:
         config_module.check(cfg)
         check_device(cfg.device)
         # Before Hydra writes its records into the run folder: a refused command changes nothing there.
-        from .estimate import cost_line, run_cost
         from .train import check_resumable
 
-        run_dir = Path(cfg.out) / cfg.name
-        check_resumable(cfg, run_dir)
-        line = cost_line([cfg], [run_cost(cfg, run_dir)])
-        if line:
-            print(line, file=sys.stderr, flush=True)
+        check_resumable(cfg, Path(cfg.out) / cfg.name)
     run_hydra_app(train_app, args)
     return 0
 

@@ -19,6 +19,7 @@ from .files import read_json
 
 # A sweep on a CPU longer than this is told about the quick ways to see the result.
 LONG_ON_A_CPU_S = 3600
+WORTH_SAYING_S = 60  # a shorter run's cost goes without saying
 TIMED_STEPS = 2  # after one untimed step
 
 
@@ -74,7 +75,7 @@ def seconds_per_cost(cfg: DictConfig) -> float:
 
 
 def cost_line(configs: list[DictConfig], costs: list[float], parallel: int = 1) -> str | None:
-    """One line: the estimated wall time of the runs ahead on this device, or None when none is left.
+    """One line: the estimated wall time of the runs ahead on this device, or None when there is little left.
 
     ``parallel``: GPUs the runs are spread over (runs sharing one GPU, or the CPU, are not faster together).
     """
@@ -90,6 +91,8 @@ def cost_line(configs: list[DictConfig], costs: list[float], parallel: int = 1) 
 
     from .train import resolve_device
 
+    if seconds < WORTH_SAYING_S:
+        return None
     device = resolve_device(cheapest.device)
     where = f"this GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "this CPU"
     runs = f"{len(left)} run{'s' if len(left) != 1 else ''}"

@@ -863,6 +863,12 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
         atomic_write_json(run_dir / RESULT, record)
         return record
 
+    if not cfg.sweep.size:  # a single run, its data and net in place: say what it will cost (a sweep says it once)
+        from .estimate import cost_line, run_cost
+
+        line = cost_line([cfg], [run_cost(cfg, run_dir)])
+        if line:
+            print(line, file=sys.stderr, flush=True)
     write_result("running")
     progress = ProgressBar(cfg, run_dir.name, iteration, device)
     images_per_step = torch.tensor(float(schedule.batch_size), dtype=torch.float64, device=device)  # made once
