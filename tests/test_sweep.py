@@ -124,10 +124,12 @@ def test_the_eta_weighs_the_runs_left_by_their_cost(tmp_path):
 def test_cost_counts_multiply_adds_and_the_iterations_left(tmp_path):
     from resexp.estimate import run_cost
 
-    shallow, deep = (compose(["arch=resnet", f"depth={depth}", "schedule=smoke"]) for depth in (20, 56))
+    # smoke: 8 iterations of 32 images, an evaluation of the 500 synthetic test images every 4 (a third each).
+    shallow, deep = (compose(["arch=resnet", f"depth={depth}", "schedule=smoke", "data=synthetic"]) for depth in (20, 56))
     assert run_cost(deep) / run_cost(shallow) == pytest.approx(125.5 / 40.6, rel=0.01)  # the paper's MACs
+    assert run_cost(shallow) == pytest.approx(40.6e6 * (32 * 8 + 2 * 500 / 3), rel=0.01)
     (tmp_path / "result.json").write_text(json.dumps({"iterations": 8, "iterations_done": 6}))
-    assert run_cost(shallow, tmp_path) == pytest.approx(run_cost(shallow) * 2 / 8)
+    assert run_cost(shallow, tmp_path) == pytest.approx(40.6e6 * (32 * 2 + 500 / 3), rel=0.01)
 
 
 def test_a_long_cpu_sweep_is_told_its_cost_and_the_quick_way():
@@ -139,7 +141,7 @@ def test_a_long_cpu_sweep_is_told_its_cost_and_the_quick_way():
     assert "schedule=quick" in line and "\n" not in line  # 64k iterations on a CPU: hours
     quick = compose(["arch=resnet", "depth=8", "schedule=quick", "device=cpu"])
     assert "schedule=quick" not in cost_line([quick], [run_cost(quick)])
-    smoke = compose(["arch=resnet", "depth=8", "schedule=smoke", "device=cpu"])
+    smoke = compose(["arch=resnet", "depth=8", "schedule=smoke", "data=synthetic", "device=cpu"])
     assert cost_line([smoke], [run_cost(smoke)]) is None  # seconds: nothing worth saying
 
 

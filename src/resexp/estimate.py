@@ -1,7 +1,8 @@
 """What a run or a sweep will cost, said before it starts and while it goes.
 
-A run's cost is the work left in it: images still to train x forward multiply-adds per image
-(``models.forward_macs``). One short measured training step of the cheapest net turns cost
+A run's cost is the work left in it, in forward multiply-adds (``models.forward_macs``): images
+still to train, and the evaluations still to come (the whole test set each time, a forward pass
+only: about a third of a training image's forward, backward and update). One short measured training step of the cheapest net turns cost
 into seconds on this device; every other net is scaled by its multiply-adds. That is rough
 (small nets are dominated by overheads, a GPU's compiled and graphed step is faster than the
 eager step measured here) but it tells hours from days. While a sweep runs, the finished runs'
@@ -20,6 +21,7 @@ from .files import read_json
 # A sweep on a CPU longer than this is told about the quick ways to see the result.
 LONG_ON_A_CPU_S = 3600
 WORTH_SAYING_S = 60  # a shorter run's cost goes without saying
+CIFAR10_TEST_IMAGES = 10_000  # the evaluation set when the config does not size it
 TIMED_STEPS = 2  # after one untimed step
 
 
@@ -42,8 +44,11 @@ def iterations_left(cfg: DictConfig, run_dir: Path | None) -> int:
 
 
 def run_cost(cfg: DictConfig, run_dir: Path | None = None) -> float:
-    """Multiply-adds of the forward passes a run has left (backward and update scale with them)."""
-    return float(macs_per_image(cfg)) * cfg.schedule.batch_size * iterations_left(cfg, run_dir)
+    """Forward multiply-adds a run has left, counted in training images (backward and update scale with them)."""
+    left = iterations_left(cfg, run_dir)
+    evaluations = -(-left // cfg.schedule.eval_every)
+    eval_images = cfg.data.val_size or cfg.data.test_size or CIFAR10_TEST_IMAGES
+    return float(macs_per_image(cfg)) * (cfg.schedule.batch_size * left + evaluations * eval_images / 3)
 
 
 def seconds_per_cost(cfg: DictConfig) -> float:
