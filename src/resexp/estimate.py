@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .files import read_json
+from .files import read_result
 
 # A sweep on a CPU longer than this is told about the quick ways to see the result.
 LONG_ON_A_CPU_S = 3600
@@ -36,9 +36,9 @@ def iterations_left(cfg: DictConfig, run_dir: Path | None) -> int:
     done = 0
     if run_dir is not None:
         try:
-            record = read_json(run_dir / "result.json")
-            done = int(record.get("iterations_done") or 0) if record.get("iterations") == cfg.schedule.iterations else 0
-        except (OSError, ValueError, TypeError, AttributeError):
+            record = read_result(run_dir / "result.json")
+            done = (record.get("iterations_done") or 0) if record.get("iterations") == cfg.schedule.iterations else 0
+        except (OSError, ValueError):
             done = 0
     return max(0, cfg.schedule.iterations - done)
 
@@ -118,10 +118,10 @@ def eta_of_sweep(sweep_dir: Path, runs: list[dict]) -> float | None:
         if not isinstance(cost, (int, float)) or cost <= 0:
             continue
         try:
-            record = read_json(sweep_dir / job["run"] / "result.json")
+            record = read_result(sweep_dir / job["run"] / "result.json")
         except (OSError, ValueError, KeyError):
             record = {}
-        if isinstance(record, dict) and record.get("status") == "done" and record.get("wall_time_s"):
+        if record.get("status") == "done" and record.get("wall_time_s"):
             spent += float(record["wall_time_s"])
             cost_done += cost
         else:

@@ -445,12 +445,8 @@ def capture(graph: torch.cuda.CUDAGraph, work, device: torch.device):
     graph.capture_begin(pool=pool)
     try:
         result = work()
-    except BaseException:
-        abandon_capture(graph, device, pool)
-        raise
-    try:
         graph.capture_end()
-    except BaseException:
+    except BaseException:  # in the captured work, or when the capture ends
         abandon_capture(graph, device, pool)
         raise
     return result
@@ -643,11 +639,8 @@ def check_resumable(cfg: DictConfig, run_dir: Path, config: dict | None = None) 
     if not cfg.resume or not path.exists():
         return None
     checkpoint = load_checkpoint(path)
-    if config is None:
-        config = OmegaConf.to_container(cfg, resolve=False)
-        config.pop("hydra", None)  # a sweep's job config still holds Hydra's own settings
-        config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
-    differences = config_module.config_differences(checkpoint["config"], config)
+    differences = config_module.config_differences(
+        checkpoint["config"], config if config is not None else OmegaConf.to_container(cfg, resolve=True))
     if differences:
         raise UsageError(f"run folder {run_dir} holds a run with another config ({'; '.join(differences[:3])}); "
                          "choose another name=..., or resume=false to start it over")

@@ -37,13 +37,9 @@ class ResexpSweeper(BasicSweeper):
         from resexp.errors import UsageError, exit_with
 
         loader = self.hydra_context.config_loader
-
-        def compose(overrides):
-            return loader.load_sweep_config(self.config, list(overrides))
-
         try:
             jobs, swept = resexp_sweep.expand_grid(dict(self.params or {}), arguments, self.exclude)
-            planned = resexp_sweep.plan_jobs(jobs, swept, compose, Path(self.config.hydra.sweep.dir))
+            planned = resexp_sweep.plan_jobs(jobs, swept, self.job_config, Path(self.config.hydra.sweep.dir))
         except UsageError as error:
             exit_with(error)
 
@@ -54,7 +50,7 @@ class ResexpSweeper(BasicSweeper):
 
             left = [job for job in planned if job["cost"] > 0]
             gpus = self.config.sweep.gpus
-            line = cost_line([compose(job["overrides"]) for job in left], [job["cost"] for job in left],
+            line = cost_line([self.job_config(job["overrides"]) for job in left], [job["cost"] for job in left],
                              parallel=len(gpus) if gpus else 1)
             if line:
                 print(line, file=sys.stderr, flush=True)
