@@ -271,10 +271,12 @@ def test_cifar10_failed_download(tmp_path, monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
-    message = raises_one_line("could not be downloaded", load_data, "cifar10", str(tmp_path), download=True)
+    root = tmp_path / "data"
+    message = raises_one_line("could not be downloaded", load_data, "cifar10", str(root), download=True)
     assert "network is unreachable" in message
-    assert f"put cifar-10-python.tar.gz in {str(tmp_path)!r}" in message
+    assert f"put cifar-10-python.tar.gz in {str(root)!r}" in message
     assert "data=imagefolder data.root=" in message
+    assert not root.exists()  # the folder made for the download is gone with it
 
 
 # --------------------------------------------------------------------------- synthetic data and subsets

@@ -254,9 +254,11 @@ def train_command(args: list[str]) -> int:
         config_module.check(cfg)
         check_device(cfg.device)
         # Before Hydra writes its records into the run folder: a refused command changes nothing there.
+        from .data import fetch_cifar10
         from .train import check_resumable
 
         check_resumable(cfg, Path(cfg.out) / cfg.name)
+        fetch_cifar10(cfg.data.name, cfg.data.root, bool(cfg.data.download))
     run_hydra_app(train_app, args)
     return 0
 
@@ -318,7 +320,9 @@ def sweep_command(args: list[str]) -> int:
     check_device(base.device)
     if not any(o.get_key_element().startswith("data") for o in sweep_module.parse_overrides(overrides)
                if o.is_sweep_override()):  # a grid over data sets leaves the data to each run
-        sweep_module.fetch_cifar10_once(base)
+        from .data import fetch_cifar10
+
+        fetch_cifar10(base.data.name, base.data.root, bool(base.data.download))
 
     exit_code = 0
     register_sweeper()

@@ -9,6 +9,8 @@ which makes a resumed run see exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -88,6 +90,16 @@ def load_data(
 # --------------------------------------------------------------------------- CIFAR-10
 
 
+def fetch_cifar10(name: str, root: str, download: bool) -> None:
+    """Get CIFAR-10 into ``root`` now, if the config asks for it and it is not there, before any run
+    starts or any run folder is made: offline, the one-line error comes first and nothing is left
+    behind, and a sweep's runs do not each try the download again."""
+    from torchvision.datasets import CIFAR10
+
+    if name == "cifar10" and not (Path(root) / CIFAR10.base_folder).is_dir():
+        _load_cifar10(root, download)
+
+
 def _load_cifar10(root: str, download: bool) -> ImageData:
     import torchvision  # imported here: it is slow to import and only this loader needs it
     from torchvision.datasets.utils import check_integrity, extract_archive
@@ -95,6 +107,7 @@ def _load_cifar10(root: str, download: bool) -> ImageData:
     cifar = torchvision.datasets.CIFAR10
     archive = Path(root) / cifar.filename
     alternative = "or use data=imagefolder data.root=<folder with train/ and test/>"
+    made_root = not Path(root).exists()  # torchvision makes it before it downloads
     try:
         if not download and archive.is_file() and not (Path(root) / cifar.base_folder).is_dir():
             # torchvision unpacks an archive only on its download path; do it here so
@@ -104,6 +117,9 @@ def _load_cifar10(root: str, download: bool) -> ImageData:
         train_set = cifar(root, train=True, download=download)
         test_set = cifar(root, train=False, download=False)
     except Exception as error:  # network, disk and integrity failures all mean "no usable copy here"
+        if made_root:
+            with contextlib.suppress(OSError):  # nothing left behind by a failed download (rmdir: only if empty)
+                Path(root).rmdir()
         if download:
             raise UsageError(
                 f"CIFAR-10 not found in {root!r} and could not be downloaded ({_short_reason(error)}): "

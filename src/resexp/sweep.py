@@ -162,19 +162,6 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
     return planned
 
 
-def fetch_cifar10_once(cfg: DictConfig) -> None:
-    """Get CIFAR-10 for a sweep here, once, before any run starts: offline, every run would
-    try the download again and fail the same way. Raises the one-line error a single run gives."""
-    if cfg.data.name != "cifar10":
-        return
-    from torchvision.datasets import CIFAR10
-
-    from .data import load_data
-
-    if not (Path(cfg.data.root) / CIFAR10.base_folder).is_dir():
-        load_data("cifar10", cfg.data.root, download=bool(cfg.data.download))
-
-
 def write_sweep_record(sweep_dir: Path, record: dict) -> None:
     atomic_write_json(sweep_dir / SWEEP_RECORD, record)
 
