@@ -222,3 +222,32 @@ def test_the_same_sweep_started_twice_at_once_is_refused_in_one_line(tmp_path, c
     assert first.wait(timeout=300) == 0, first.stderr.read()
     metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in metrics] == list(range(50, 401, 50))
+
+
+@pytest.mark.parametrize("failures", [1, 3])
+def test_a_failed_requeue_is_tried_again_and_then_leaves_the_run_stopped_at_its_checkpoint(monkeypatch, capsys, failures):
+    """submitit's SIGUSR2 handler runs ``scontrol requeue``, which a busy controller can fail."""
+    import resexp.signals as signals_module
+
+    monkeypatch.setattr(signals_module, "REQUEUE_RETRY_S", 0.0)
+    calls = []
+
+    def submitit_handler(signum, frame):
+        calls.append(signum)
+        if len(calls) <= failures:
+            raise subprocess.CalledProcessError(1, ["scontrol", "requeue", "7"])
+        raise SystemExit(-1)  # requeued: submitit exits the process
+
+    stop = signals_module.StopSignals()  # not entered, and restoring nothing: pytest's handlers stay
+    monkeypatch.setattr(stop, "_restore", lambda: None)
+    stop._previous[signal.SIGUSR2] = submitit_handler
+    stop.received = signal.SIGUSR2
+    if failures < signals_module.REQUEUE_TRIES:
+        with pytest.raises(SystemExit):
+            stop.hand_over()
+    else:
+        stop.hand_over()  # returns: the caller stops the run as interrupted
+    assert calls == [signal.SIGUSR2] * min(failures + 1, signals_module.REQUEUE_TRIES)
+    stderr = capsys.readouterr().err
+    assert stderr.count("requeueing this job failed") == failures
+    assert ("the job was not requeued" in stderr) == (failures == signals_module.REQUEUE_TRIES)

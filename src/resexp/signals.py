@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -20,6 +21,10 @@ import time
 # preempted rather than cancelled. Well below SLURM's KillWait (30 s by default), after which
 # SIGKILL follows the SIGTERM.
 PREEMPTION_SIGNAL_WAIT_S = 5.0
+# A busy SLURM controller can fail the ``scontrol requeue`` that submitit's handler runs: try again
+# a few times before giving up (the checkpoint is saved either way).
+REQUEUE_TRIES = 3
+REQUEUE_RETRY_S = 5.0
 
 
 class RunInterrupted(BaseException):
@@ -68,6 +73,7 @@ class StopSignals:
 
     def hand_over(self) -> None:
         """Give SIGUSR2 to the handler it displaced, if any (submitit's: requeue the job and exit).
+        If the requeue keeps failing, return: the caller stops the run as interrupted, resumable.
 
         In a SLURM job, SIGTERM alone is a cancellation or ``scontrol requeue``, and SIGTERM then
         SIGUSR2 a preemption: wait a little for the SIGUSR2 before taking it as the former.
@@ -81,7 +87,16 @@ class StopSignals:
             # The checkpoint is saved: signals from here on (the SIGTERM that ``scontrol requeue``
             # sends this job) go to the handlers this one displaced, not to "second signal: stop now".
             self._restore()
-            previous(self.received, None)
+            for attempt in range(1, REQUEUE_TRIES + 1):
+                try:
+                    previous(self.received, None)  # requeues, then exits the process
+                    return
+                except (OSError, subprocess.SubprocessError) as error:
+                    print(f"requeueing this job failed (try {attempt} of {REQUEUE_TRIES}): {error}", file=sys.stderr)
+                    if attempt < REQUEUE_TRIES:
+                        time.sleep(REQUEUE_RETRY_S)
+            print("the job was not requeued; the run stopped at its checkpoint: the same command resumes it",
+                  file=sys.stderr)
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
