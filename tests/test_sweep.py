@@ -138,9 +138,9 @@ def test_a_long_cpu_sweep_is_told_its_cost_and_the_quick_way():
     paper = compose(["arch=resnet", "depth=20", "device=cpu"])
     line = cost_line([paper], [run_cost(paper)])
     assert line.startswith("estimated wall time: about") and "this CPU" in line
-    assert "schedule=quick" in line and "\n" not in line  # 64k iterations on a CPU: hours
+    assert "experiment=laptop" in line and "schedule=quick" in line and "\n" not in line  # 64k iterations: hours
     quick = compose(["arch=resnet", "depth=8", "schedule=quick", "device=cpu"])
-    assert "schedule=quick" not in cost_line([quick], [run_cost(quick)])
+    assert "experiment=laptop" not in cost_line([quick], [run_cost(quick)])
     smoke = compose(["arch=resnet", "depth=8", "schedule=smoke", "data=synthetic", "device=cpu"])
     assert cost_line([smoke], [run_cost(smoke)]) is None  # seconds: nothing worth saying
 
@@ -161,4 +161,4 @@ def test_the_sweep_command_says_what_it_will_cost_before_training(tmp_path, cli_
     sweep.send_signal(signal.SIGINT)
     sweep.communicate(timeout=300)
     estimates = [line for line in lines if line.startswith("estimated wall time: about")]
-    assert len(estimates) == 1 and "2 runs on this CPU" in estimates[0] and "schedule=quick" in estimates[0], lines
+    assert len(estimates) == 1 and "2 runs on this CPU" in estimates[0] and "experiment=laptop" in estimates[0], lines
