@@ -45,7 +45,7 @@ from torch import nn
 
 from .data import load_data, normalize, pixel_mean, stratified_indices
 from .errors import UsageError
-from .files import atomic_write, atomic_write_text
+from .files import CHECKPOINT, atomic_write, atomic_write_text
 # gradient_norms lives beside the nets so that the trainer can log it without importing this module.
 from .models import ARCHS, Block, blocks, build_model, gradient_norms, response_modules  # noqa: F401
 from .plots import (DEPTH_PALETTE, DPI, FIGURE_STYLE, RunRecord, family_of, fit_titles, load_runs, net_prefix,
@@ -53,7 +53,6 @@ from .plots import (DEPTH_PALETTE, DPI, FIGURE_STYLE, RunRecord, family_of, fit_
 from .train import autocast, evaluate, resolve_precision
 
 ANALYSES = ("responses", "lesion", "gradients", "identity")
-CHECKPOINT = "checkpoint.pt"
 LESION_DRAWS = 5  # random subsets of blocks removed per count k
 LESION_SEED = 0  # the same subsets for every run with the same number of blocks
 GRADIENT_SNAPSHOTS = 4  # evaluations shown in the gradient-by-layer figure

@@ -1,9 +1,9 @@
 """Figures and tables for a sweep of runs, in the style of He et al. 2015, section 4.2.
 
 Input is a sweep folder holding one folder per run (or a single run folder).
-A run folder contains any of ``config.yaml``, ``metrics.jsonl`` and
-``result.json``; whichever are missing, the run is still shown as far as its
-files allow (a run may be running, interrupted, failed, or copied half-way).
+A run folder contains any of ``files.RUN_FILES`` (``config.yaml``,
+``result.json``, ``metrics.jsonl``, ``checkpoint.pt``); whichever are missing,
+the run is still shown as far as its files allow (a run may be running, interrupted, failed, or copied half-way).
 
 Outputs (``render_all``):
 
@@ -47,9 +47,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from resexp.errors import UsageError
-from resexp.files import atomic_write, atomic_write_text, read_jsonl, read_result
-
-RUN_FILES = ("config.yaml", "result.json", "metrics.jsonl")
+from resexp.files import CONFIG, METRICS, RESULT, RUN_FILES, atomic_write, atomic_write_text, read_jsonl, read_result
 
 # He et al. 2015, Table 6 (CIFAR-10 test error %, option-A shortcuts). For
 # ResNet-110 the paper gives the best of 5 runs, 6.43 (mean 6.61 +- 0.16).
@@ -189,7 +187,7 @@ def load_runs(folder: str | os.PathLike) -> list[RunRecord]:
         raise UsageError(f"no such folder: {folder}")
     # Hidden folders (.hydra holds a config.yaml of its own) are never runs.
     run_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_run_dir(p))
-    has_run_output = any((folder / name).is_file() for name in ("result.json", "metrics.jsonl"))
+    has_run_output = any((folder / name).is_file() for name in (RESULT, METRICS))
     if has_run_output or (not run_dirs and _is_run_dir(folder)):
         run_dirs = [folder]
     if not run_dirs:
@@ -205,20 +203,20 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def _load_run(path: Path) -> RunRecord:
-    config = _read_config(path / "config.yaml")
+    config = _read_config(path / CONFIG)
     result = None
-    if (path / "result.json").is_file():
+    if (path / RESULT).is_file():
         # One damaged file must not stop the figures of a whole sweep: warn and draw the rest.
         try:
-            result = read_result(path / "result.json")
+            result = read_result(path / RESULT)
         except (ValueError, OSError) as e:
-            print(f"warning: {path / 'result.json'} is unreadable ({e}); its run is shown from its metrics",
+            print(f"warning: {path / RESULT} is unreadable ({e}); its run is shown from its metrics",
                   file=sys.stderr)
             result = None
     try:
-        metrics = read_jsonl(path / "metrics.jsonl")
+        metrics = read_jsonl(path / METRICS)
     except (ValueError, OSError) as e:
-        print(f"warning: {path / 'metrics.jsonl'} is unreadable ({e}); its curves are left out", file=sys.stderr)
+        print(f"warning: {path / METRICS} is unreadable ({e}); its curves are left out", file=sys.stderr)
         metrics = []
     metrics = _clean_metrics(metrics)
 
