@@ -11,13 +11,16 @@ Outputs (``render_all``):
   iterations, one panel per architecture, like the paper's Figure 6;
 - ``error_vs_depth.png``/``.pdf``: error against number of layers, at the end
   of training and just before the first learning-rate drop;
-- ``summary.md``/``.csv``: one row per configuration (every config value that
-  differs between runs except the seed), with the paper's Table 6 numbers for the paper's nets.
+- ``summary.md``/``.csv``: one row per configuration, with the paper's Table 6
+  numbers for the paper's nets.
 
 Every ``*_data`` function returns exactly what the matching figure draws, with
 errors in percent, so tests can check numbers instead of pixels.
 
-Runs are grouped as follows. Seeds of one configuration are averaged. A run
+Runs are grouped as follows. A configuration is an arch, a depth and the values
+of the keys the sweep varied (``sweep.keys``); for runs that no single sweep made,
+also of the trained-section keys that differ (see ``TRAINED_SECTIONS``). Seeds of
+one configuration are averaged. A run
 that diverged is shown as diverged and left out of every mean. When some seeds
 of a configuration are done and others are not, the means use the done ones
 (numbers "at the end of training" should come from finished training); when
@@ -88,17 +91,14 @@ FIGURE_STYLE = {
     "pdf.fonttype": 42,  # embed TrueType so the text stays editable and searchable
 }
 
-# Config keys that say where or how a run was executed, not what was trained;
-# they differ between runs of one configuration and must not split a group.
-IGNORED_KEY_NAMES = {
-    "seed", "run_name", "run_dir", "out", "out_dir", "output", "output_dir", "outdir",
-    "dir", "root", "path", "device", "devices", "gpu", "workers", "num_workers",
-    "resume", "hydra", "log_every", "print_every", "checkpoint_every", "save_every",
-    "progress", "verbose", "tag", "tags", "notes", "download", "eval_batch_size",
-}
-IGNORED_SECTIONS = ("hydra.", "sweep.")  # launcher bookkeeping (e.g. the size of the sweep)
-IGNORED_KEY_SUFFIXES = ("_dir", "_path", "_root", "_file")
-IDENTITY_KEYS = {"arch", "depth", "seed", "name"}  # top-level keys only
+# Runs are grouped by the config keys their sweep varied (``sweep.keys`` in each run's
+# config.yaml). Runs that no single sweep made (loose ``resexp train`` runs, or runs of
+# several sweeps copied into one folder) are also told apart by any of these keys that
+# differs between them: the sections of resexp's config that say what was trained. The
+# rest of the config says where and how a run ran (out, name, device, resume, ...).
+TRAINED_SECTIONS = ("model.", "schedule.", "data.")
+UNTRAINED_KEYS = {"data.root", "data.download", "schedule.checkpoint_every"}  # where files are, how often saved
+IDENTITY_KEYS = ("arch", "depth", "seed")  # a group is one arch and depth; seeds are averaged
 
 
 @dataclass
@@ -307,13 +307,6 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def _is_ignored_key(dotted: str) -> bool:
-    if dotted in IDENTITY_KEYS:
-        return True
-    last = dotted.rsplit(".", 1)[-1]
-    return last in IGNORED_KEY_NAMES or last.endswith(IGNORED_KEY_SUFFIXES) or dotted.startswith(IGNORED_SECTIONS)
-
-
 @dataclass
 class _Group:
     """The seeds of one configuration: same arch, depth and variant."""
@@ -331,27 +324,27 @@ class _Group:
 
 
 def _variant_keys(runs: list[RunRecord]) -> dict[str, list[str]]:
-    """Per arch, the config keys whose values differ between runs of the same depth.
+    """Per arch, the config keys that set its runs apart: those their sweep recorded as varying,
+    and any trained-section key (see TRAINED_SECTIONS) whose value differs between runs of one depth.
 
-    A key that changes only with depth (e.g. blocks per stage) is derived from
-    the depth and not a variant; one that changes among runs of one depth (e.g.
-    the shortcut type) is.
+    A key that changes only with depth (e.g. blocks per stage) is derived from the depth and
+    not a variant; one that changes among runs of one depth (e.g. the shortcut type) is.
     """
     flats = {id(r): _flatten(r.config) for r in runs}
     keys_by_arch: dict[str, set[str]] = {}
     cells: dict[tuple, list[RunRecord]] = {}
     for run in runs:
+        found = keys_by_arch.setdefault(run.arch, set())
+        for key in (run.config.get("sweep") or {}).get("keys") or []:
+            # A swept config group (schedule=quick,paper) is told by the name of its choice.
+            found.add(f"{key}.name" if isinstance(run.config.get(key), dict) else str(key))
         cells.setdefault((run.arch, run.depth), []).append(run)
     for (arch, _depth), cell in cells.items():
-        found = keys_by_arch.setdefault(arch, set())
-        all_keys = set().union(*(flats[id(r)] for r in cell))
-        for key in all_keys:
-            if _is_ignored_key(key):
-                continue
-            values = {repr(flats[id(r)].get(key)) for r in cell}
-            if len(values) > 1:
-                found.add(key)
-    return {arch: sorted(keys) for arch, keys in keys_by_arch.items()}
+        for key in set().union(*(flats[id(r)] for r in cell)):
+            if key.startswith(TRAINED_SECTIONS) and key not in UNTRAINED_KEYS and \
+                    len({repr(flats[id(r)].get(key)) for r in cell}) > 1:
+                keys_by_arch[arch].add(key)
+    return {arch: sorted(keys - set(IDENTITY_KEYS)) for arch, keys in keys_by_arch.items()}
 
 
 def _group_runs(runs: list[RunRecord]) -> list[_Group]:
