@@ -51,6 +51,7 @@ from omegaconf import OmegaConf
 
 from resexp.errors import UsageError
 from resexp.files import CONFIG, METRICS, RESULT, RUN_FILES, atomic_write, atomic_write_text, read_jsonl, read_result
+from resexp.status import format_duration
 
 # He et al. 2015, Table 6 (CIFAR-10 test error %, option-A shortcuts). For
 # ResNet-110 the paper gives the best of 5 runs, 6.43 (mean 6.61 +- 0.16).
@@ -1062,7 +1063,7 @@ def _summary_markdown(rows: list[dict], eval_set: str) -> str:
             _format_number(row["best_test_error_pct"]),
             _format_number(row["paper_test_error_pct"]),
             _format_iterations(row),
-            _format_duration(row["wall_time_s"]),
+            format_duration(row["wall_time_s"]),
             "" if row["images_per_s"] is None else f"{row['images_per_s']:.0f}",
             row["status"],
         ]
@@ -1108,19 +1109,6 @@ def _format_iterations(row: dict) -> str:
     else:
         done = f"{low}–{high}"
     return f"{done} / {planned}" if planned is not None else done
-
-
-def _format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
 
 
 # ---------------------------------------------------------------------------

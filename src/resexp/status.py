@@ -193,13 +193,17 @@ def sweep_status(folder: Path, now: float | None = None) -> list[RunStatus]:
 
 # --- the table ----------------------------------------------------------------------------------
 
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+def format_duration(seconds: float | None) -> str:
+    """'42s', '2m 30s', '3h 05m' (blank for None): the one format of every table and message."""
+    if seconds is None:
+        return ""
+    hours, rest = divmod(int(round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
 
 
 def _percent(value) -> str:
