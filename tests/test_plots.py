@@ -388,6 +388,24 @@ def test_other_config_differences_make_their_own_group(tmp_path):
     assert labels == ["ResNet-20", "ResNet-20 (shortcut B)"]
 
 
+
+def test_runs_are_grouped_by_the_keys_their_sweep_varied(tmp_path):
+    """A key the sweep recorded in sweep.keys splits groups even outside the trained sections;
+    the same difference without the record is where or how a run ran, and does not."""
+    def runs_with_precisions(root, swept):
+        for seed, precision in ((0, "fp32"), (1, "fp32"), (2, "bf16")):
+            run = make_run(root, f"resnet-20-s{seed}-{precision}", "resnet", 20, seed, [0.2], [0.3])
+            config = yaml.safe_load((run / "config.yaml").read_text())
+            config["precision"] = precision
+            config["sweep"]["keys"] = ["seed", "precision"] if swept else ["seed"]
+            (run / "config.yaml").write_text(yaml.safe_dump(config))
+        return summary_rows(load_runs(root))
+
+    rows = runs_with_precisions(tmp_path / "swept", swept=True)
+    assert [(r["variant"], r["n_seeds"]) for r in rows] == [("", 2), ("precision=bf16", 1)]
+    rows = runs_with_precisions(tmp_path / "not_swept", swept=False)
+    assert [(r["variant"], r["n_seeds"]) for r in rows] == [("", 3)]
+
 # --- everything together -----------------------------------------------------
 
 

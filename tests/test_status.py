@@ -91,7 +91,7 @@ def test_table_lists_every_run_with_errors_and_jobs(sweep_dir, capsys):
     assert "2 done" in out.splitlines()[0] and "2 queued" in out.splitlines()[0]
     assert "100/100" in lines["plain-20-s0"] and "10.00%" in lines["plain-20-s0"] and "12.50%" in lines["plain-20-s0"]
     assert "node1 job 4242_0" in lines["plain-20-s0"]
-    assert "25/100" in lines["resnet-20-s0"] and "2m30s" in lines["resnet-20-s0"]
+    assert "25/100" in lines["resnet-20-s0"] and "2m 30s" in lines["resnet-20-s0"]
     assert "job 4242_7" in lines["resnet-56-s0"]
     errors = out.split("errors:")[1]
     assert "plain-32-s0: UsageError: out of GPU memory" in errors and "more" not in errors

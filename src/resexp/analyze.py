@@ -41,19 +41,19 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
+from omegaconf import OmegaConf
 from torch import nn
 
 from .data import load_data, normalize, pixel_mean, stratified_indices
 from .errors import UsageError
-from .files import atomic_write, atomic_write_text
+from .files import CHECKPOINT, atomic_write, atomic_write_text
 # gradient_norms lives beside the nets so that the trainer can log it without importing this module.
-from .models import ARCHS, Block, blocks, build_model, gradient_norms, response_modules  # noqa: F401
+from .models import ARCHS, Block, blocks, build_model_for, gradient_norms, response_modules  # noqa: F401
 from .plots import (DEPTH_PALETTE, DPI, FIGURE_STYLE, RunRecord, family_of, fit_titles, load_runs, net_prefix,
                     panel_title)
 from .train import autocast, evaluate, resolve_precision
 
 ANALYSES = ("responses", "lesion", "gradients", "identity")
-CHECKPOINT = "checkpoint.pt"
 LESION_DRAWS = 5  # random subsets of blocks removed per count k
 LESION_SEED = 0  # the same subsets for every run with the same number of blocks
 GRADIENT_SNAPSHOTS = 4  # evaluations shown in the gradient-by-layer figure
@@ -140,7 +140,7 @@ class NetLoader:
             print(f"note: {run.name} is not finished: analysing its checkpoint at iteration {done} of {planned}",
                   file=sys.stderr)
         images, labels, mean, classes, eval_set = self._images(config)
-        model = model_from_config(config, num_classes=len(classes))
+        model = build_model_for(OmegaConf.create(config), num_classes=len(classes))
         try:
             # A torch.compile'd model saves its weights under "_orig_mod.".
             model.load_state_dict({key.removeprefix("_orig_mod."): value for key, value in state.items()})
@@ -173,20 +173,6 @@ class NetLoader:
             self._data[key] = (images.to(self.device), labels.to(self.device),
                                pixel_mean(data.train_images).to(self.device), data.classes, data.eval_set)
         return self._data[key]
-
-
-def model_from_config(config: dict, num_classes: int) -> nn.Module:
-    """The untrained net a run's config describes; runs from before a ``model.*`` option existed
-    get that option's default."""
-    model_config = config.get("model") or {}
-
-    def option(key, default):
-        value = model_config.get(key)
-        return default if value is None else value
-
-    return build_model(config["arch"], config["depth"], option("shortcut", "A"), num_classes,
-                       block=option("block", "basic"), residual_scale=option("residual_scale", 1.0),
-                       family=option("family", "cifar"), width=option("width", 256))
 
 
 def eval_batches(net: TrainedNet):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .files import read_result
+from .files import RESULT, read_result
 
 # A sweep on a CPU longer than this is told about the quick ways to see the result.
 LONG_ON_A_CPU_S = 3600
@@ -36,7 +36,7 @@ def iterations_left(cfg: DictConfig, run_dir: Path | None) -> int:
     done = 0
     if run_dir is not None:
         try:
-            record = read_result(run_dir / "result.json")
+            record = read_result(run_dir / RESULT)
             done = (record.get("iterations_done") or 0) if record.get("iterations") == cfg.schedule.iterations else 0
         except (OSError, ValueError):
             done = 0
@@ -118,7 +118,7 @@ def eta_of_sweep(sweep_dir: Path, runs: list[dict]) -> float | None:
         if not isinstance(cost, (int, float)) or cost <= 0:
             continue
         try:
-            record = read_result(sweep_dir / job["run"] / "result.json")
+            record = read_result(sweep_dir / job["run"] / RESULT)
         except (OSError, ValueError, KeyError):
             record = {}
         if record.get("status") == "done" and record.get("wall_time_s"):

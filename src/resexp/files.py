@@ -1,4 +1,4 @@
-"""Crash-safe file writing and tolerant reading of the files a run leaves behind.
+"""The names of the files a run and a sweep leave behind, crash-safe writing, and tolerant reading.
 
 Every file that a later command relies on (checkpoints, result.json, summaries,
 dataset caches) is written to a temporary file in the same folder, flushed to
@@ -13,6 +13,17 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+# The files of a run folder (see resexp.train) and of a sweep folder.
+CONFIG = "config.yaml"  # the resolved config
+ENV = "env.json"  # where and with what the run ran
+METRICS = "metrics.jsonl"  # one line per evaluation
+CHECKPOINT = "checkpoint.pt"  # the latest checkpoint
+RESULT = "result.json"  # status and final numbers
+LOCK = "run.lock"  # who is training the run now: process id and host
+SWEEP_RECORD = "sweep.json"  # the planned runs of a sweep
+# A folder holding any of these is a run folder, whatever state its run is in.
+RUN_FILES = (CONFIG, RESULT, METRICS, CHECKPOINT)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:

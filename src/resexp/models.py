@@ -389,14 +389,6 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def plain_net(depth: int, num_classes: int = 10) -> CifarNet:
-    return CifarNet(depth, shortcut=None, num_classes=num_classes)
-
-
-def resnet(depth: int, shortcut: str = "A", num_classes: int = 10) -> CifarNet:
-    return CifarNet(depth, shortcut=shortcut, num_classes=num_classes)
-
-
 def build_model(arch: str, depth: int, shortcut: str = "A", num_classes: int = 10, *, block: str = "basic",
                 residual_scale: float = 1.0, family: str = "cifar", width: int = 256) -> nn.Module:
     """The network a config asks for: ``arch`` is ``plain`` or ``resnet``; the keywords are the

@@ -1,9 +1,9 @@
 """Figures and tables for a sweep of runs, in the style of He et al. 2015, section 4.2.
 
 Input is a sweep folder holding one folder per run (or a single run folder).
-A run folder contains any of ``config.yaml``, ``metrics.jsonl`` and
-``result.json``; whichever are missing, the run is still shown as far as its
-files allow (a run may be running, interrupted, failed, or copied half-way).
+A run folder contains any of ``files.RUN_FILES`` (``config.yaml``,
+``result.json``, ``metrics.jsonl``, ``checkpoint.pt``); whichever are missing,
+the run is still shown as far as its files allow (a run may be running, interrupted, failed, or copied half-way).
 
 Outputs (``render_all``):
 
@@ -11,13 +11,16 @@ Outputs (``render_all``):
   iterations, one panel per architecture, like the paper's Figure 6;
 - ``error_vs_depth.png``/``.pdf``: error against number of layers, at the end
   of training and just before the first learning-rate drop;
-- ``summary.md``/``.csv``: one row per configuration (every config value that
-  differs between runs except the seed), with the paper's Table 6 numbers for the paper's nets.
+- ``summary.md``/``.csv``: one row per configuration, with the paper's Table 6
+  numbers for the paper's nets.
 
 Every ``*_data`` function returns exactly what the matching figure draws, with
 errors in percent, so tests can check numbers instead of pixels.
 
-Runs are grouped as follows. Seeds of one configuration are averaged. A run
+Runs are grouped as follows. A configuration is an arch, a depth and the values
+of the keys the sweep varied (``sweep.keys``); for runs that no single sweep made,
+also of the trained-section keys that differ (see ``TRAINED_SECTIONS``). Seeds of
+one configuration are averaged. A run
 that diverged is shown as diverged and left out of every mean. When some seeds
 of a configuration are done and others are not, the means use the done ones
 (numbers "at the end of training" should come from finished training); when
@@ -47,9 +50,8 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from resexp.errors import UsageError
-from resexp.files import atomic_write, atomic_write_text, read_jsonl, read_result
-
-RUN_FILES = ("config.yaml", "result.json", "metrics.jsonl")
+from resexp.files import CONFIG, METRICS, RESULT, RUN_FILES, atomic_write, atomic_write_text, read_jsonl, read_result
+from resexp.status import format_duration
 
 # He et al. 2015, Table 6 (CIFAR-10 test error %, option-A shortcuts). For
 # ResNet-110 the paper gives the best of 5 runs, 6.43 (mean 6.61 +- 0.16).
@@ -90,17 +92,14 @@ FIGURE_STYLE = {
     "pdf.fonttype": 42,  # embed TrueType so the text stays editable and searchable
 }
 
-# Config keys that say where or how a run was executed, not what was trained;
-# they differ between runs of one configuration and must not split a group.
-IGNORED_KEY_NAMES = {
-    "seed", "run_name", "run_dir", "out", "out_dir", "output", "output_dir", "outdir",
-    "dir", "root", "path", "device", "devices", "gpu", "workers", "num_workers",
-    "resume", "hydra", "log_every", "print_every", "checkpoint_every", "save_every",
-    "progress", "verbose", "tag", "tags", "notes", "download", "eval_batch_size",
-}
-IGNORED_SECTIONS = ("hydra.", "sweep.")  # launcher bookkeeping (e.g. the size of the sweep)
-IGNORED_KEY_SUFFIXES = ("_dir", "_path", "_root", "_file")
-IDENTITY_KEYS = {"arch", "depth", "seed", "name"}  # top-level keys only
+# Runs are grouped by the config keys their sweep varied (``sweep.keys`` in each run's
+# config.yaml). Runs that no single sweep made (loose ``resexp train`` runs, or runs of
+# several sweeps copied into one folder) are also told apart by any of these keys that
+# differs between them: the sections of resexp's config that say what was trained. The
+# rest of the config says where and how a run ran (out, name, device, resume, ...).
+TRAINED_SECTIONS = ("model.", "schedule.", "data.")
+UNTRAINED_KEYS = {"data.root", "data.download", "schedule.checkpoint_every"}  # where files are, how often saved
+IDENTITY_KEYS = ("arch", "depth", "seed")  # a group is one arch and depth; seeds are averaged
 
 
 @dataclass
@@ -189,7 +188,7 @@ def load_runs(folder: str | os.PathLike) -> list[RunRecord]:
         raise UsageError(f"no such folder: {folder}")
     # Hidden folders (.hydra holds a config.yaml of its own) are never runs.
     run_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_run_dir(p))
-    has_run_output = any((folder / name).is_file() for name in ("result.json", "metrics.jsonl"))
+    has_run_output = any((folder / name).is_file() for name in (RESULT, METRICS))
     if has_run_output or (not run_dirs and _is_run_dir(folder)):
         run_dirs = [folder]
     if not run_dirs:
@@ -205,20 +204,20 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def _load_run(path: Path) -> RunRecord:
-    config = _read_config(path / "config.yaml")
+    config = _read_config(path / CONFIG)
     result = None
-    if (path / "result.json").is_file():
+    if (path / RESULT).is_file():
         # One damaged file must not stop the figures of a whole sweep: warn and draw the rest.
         try:
-            result = read_result(path / "result.json")
+            result = read_result(path / RESULT)
         except (ValueError, OSError) as e:
-            print(f"warning: {path / 'result.json'} is unreadable ({e}); its run is shown from its metrics",
+            print(f"warning: {path / RESULT} is unreadable ({e}); its run is shown from its metrics",
                   file=sys.stderr)
             result = None
     try:
-        metrics = read_jsonl(path / "metrics.jsonl")
+        metrics = read_jsonl(path / METRICS)
     except (ValueError, OSError) as e:
-        print(f"warning: {path / 'metrics.jsonl'} is unreadable ({e}); its curves are left out", file=sys.stderr)
+        print(f"warning: {path / METRICS} is unreadable ({e}); its curves are left out", file=sys.stderr)
         metrics = []
     metrics = _clean_metrics(metrics)
 
@@ -309,13 +308,6 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def _is_ignored_key(dotted: str) -> bool:
-    if dotted in IDENTITY_KEYS:
-        return True
-    last = dotted.rsplit(".", 1)[-1]
-    return last in IGNORED_KEY_NAMES or last.endswith(IGNORED_KEY_SUFFIXES) or dotted.startswith(IGNORED_SECTIONS)
-
-
 @dataclass
 class _Group:
     """The seeds of one configuration: same arch, depth and variant."""
@@ -333,27 +325,27 @@ class _Group:
 
 
 def _variant_keys(runs: list[RunRecord]) -> dict[str, list[str]]:
-    """Per arch, the config keys whose values differ between runs of the same depth.
+    """Per arch, the config keys that set its runs apart: those their sweep recorded as varying,
+    and any trained-section key (see TRAINED_SECTIONS) whose value differs between runs of one depth.
 
-    A key that changes only with depth (e.g. blocks per stage) is derived from
-    the depth and not a variant; one that changes among runs of one depth (e.g.
-    the shortcut type) is.
+    A key that changes only with depth (e.g. blocks per stage) is derived from the depth and
+    not a variant; one that changes among runs of one depth (e.g. the shortcut type) is.
     """
     flats = {id(r): _flatten(r.config) for r in runs}
     keys_by_arch: dict[str, set[str]] = {}
     cells: dict[tuple, list[RunRecord]] = {}
     for run in runs:
+        found = keys_by_arch.setdefault(run.arch, set())
+        for key in (run.config.get("sweep") or {}).get("keys") or []:
+            # A swept config group (schedule=quick,paper) is told by the name of its choice.
+            found.add(f"{key}.name" if isinstance(run.config.get(key), dict) else str(key))
         cells.setdefault((run.arch, run.depth), []).append(run)
     for (arch, _depth), cell in cells.items():
-        found = keys_by_arch.setdefault(arch, set())
-        all_keys = set().union(*(flats[id(r)] for r in cell))
-        for key in all_keys:
-            if _is_ignored_key(key):
-                continue
-            values = {repr(flats[id(r)].get(key)) for r in cell}
-            if len(values) > 1:
-                found.add(key)
-    return {arch: sorted(keys) for arch, keys in keys_by_arch.items()}
+        for key in set().union(*(flats[id(r)] for r in cell)):
+            if key.startswith(TRAINED_SECTIONS) and key not in UNTRAINED_KEYS and \
+                    len({repr(flats[id(r)].get(key)) for r in cell}) > 1:
+                keys_by_arch[arch].add(key)
+    return {arch: sorted(keys - set(IDENTITY_KEYS)) for arch, keys in keys_by_arch.items()}
 
 
 def _group_runs(runs: list[RunRecord]) -> list[_Group]:
@@ -1071,7 +1063,7 @@ def _summary_markdown(rows: list[dict], eval_set: str) -> str:
             _format_number(row["best_test_error_pct"]),
             _format_number(row["paper_test_error_pct"]),
             _format_iterations(row),
-            _format_duration(row["wall_time_s"]),
+            format_duration(row["wall_time_s"]),
             "" if row["images_per_s"] is None else f"{row['images_per_s']:.0f}",
             row["status"],
         ]
@@ -1117,19 +1109,6 @@ def _format_iterations(row: dict) -> str:
     else:
         done = f"{low}–{high}"
     return f"{done} / {planned}" if planned is not None else done
-
-
-def _format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
 
 
 # ---------------------------------------------------------------------------

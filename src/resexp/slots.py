@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .files import atomic_write_json, read_json
+from .files import RESULT, atomic_write_json, read_json
 
 SLOT_OPTIONS = ("gpus", "runs_per_gpu")  # words of `resexp sweep` about how its runs are executed
 LOG = "slot.log"
@@ -249,11 +249,11 @@ def ended_without_record(job: Job) -> dict:
     code = job.process.returncode
     how = f"signal {signal_name(-code)}" if code < 0 else f"exit code {code}"
     message = f"its process ended with {how} before reporting a result; see {job.log}"
-    result = read_json_object(job.run_dir / "result.json") or {}
+    result = read_json_object(job.run_dir / RESULT) or {}
     record = {**result, "run_name": job.run, "error": message}
     if result.get("status") == "running":  # it died while training: say so where resexp status looks
         record["status"] = "failed"
-        atomic_write_json(job.run_dir / "result.json", record)
+        atomic_write_json(job.run_dir / RESULT, record)
     record.setdefault("status", "failed")
     return {**record, "outcome": "failed"}
 

@@ -21,12 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .files import read_json, read_jsonl, read_result
+from .files import CONFIG, ENV, METRICS, RESULT, RUN_FILES, SWEEP_RECORD, read_json, read_jsonl, read_result
 
-SWEEP_RECORD = "sweep.json"
-RESULT = "result.json"
-METRICS = "metrics.jsonl"
-RUN_FILES = (RESULT, METRICS, "config.yaml", "checkpoint.pt")
 # A running run counts as stalled once its last metrics line is older than this many
 # evaluation intervals, and never sooner than STALLED_AFTER_MIN_S.
 STALLED_AFTER_INTERVALS = 3
@@ -82,7 +78,7 @@ def _planned_iterations(run_dir: Path) -> int | None:
     import yaml
 
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config = yaml.safe_load((run_dir / CONFIG).read_text())
         return int(config["schedule"]["iterations"])
     except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
         return None
@@ -90,7 +86,7 @@ def _planned_iterations(run_dir: Path) -> int | None:
 
 def _where(run_dir: Path, submitted_job_id: str | None) -> str:
     """The host the run last ran on and its job, as squeue shows it (ARRAYJOB_TASK for arrays)."""
-    env = _read_json(run_dir / "env.json") or {}
+    env = _read_json(run_dir / ENV) or {}
     if env.get("slurm_array_job_id") and env.get("slurm_array_task_id") is not None:
         job = f"{env['slurm_array_job_id']}_{env['slurm_array_task_id']}"
     else:
@@ -197,13 +193,17 @@ def sweep_status(folder: Path, now: float | None = None) -> list[RunStatus]:
 
 # --- the table ----------------------------------------------------------------------------------
 
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+def format_duration(seconds: float | None) -> str:
+    """'42s', '2m 30s', '3h 05m' (blank for None): the one format of every table and message."""
+    if seconds is None:
+        return ""
+    hours, rest = divmod(int(round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
 
 
 def _percent(value) -> str:

@@ -25,10 +25,8 @@ from omegaconf import DictConfig
 
 from . import config as config_module
 from .errors import UsageError
-from .files import atomic_write_json, read_json
+from .files import RESULT, SWEEP_RECORD, atomic_write_json, read_json
 from .status import _percent, format_duration
-
-SWEEP_RECORD = "sweep.json"
 
 
 # --- planning -----------------------------------------------------------------------------------
@@ -182,7 +180,7 @@ def run_job(cfg: DictConfig, run_dir, job_number: int | None = None) -> dict:
     Anything that goes wrong is recorded in the run's result.json (and error.txt for a crash),
     so that one failing job never stops the sweep.
     """
-    from .train import RESULT, RunInUse, train
+    from .train import RunInUse, train
 
     run_dir = Path(run_dir)
     total = cfg.sweep.size

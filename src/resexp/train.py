@@ -43,15 +43,11 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as config_module
 from .data import TrainBatches, load_data, normalize, pixel_mean
 from .errors import UsageError
-from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl,
-                    read_result, write_jsonl)
+from .files import (CHECKPOINT, CONFIG, ENV, LOCK, METRICS, RESULT, append_jsonl, atomic_write, atomic_write_json,
+                    atomic_write_text, read_json, read_jsonl, read_result, write_jsonl)
 from .models import build_model_for, count_parameters, gradient_norms
 from .signals import RunInterrupted, StopSignals
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-RESULT = "result.json"
-LOCK = "run.lock"  # who is training the run now: process id and host
 CHECKPOINT_FORMAT = 1
 
 
@@ -819,8 +815,8 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
     step = make_train_step(model, optimizer, scaler, amp, cuda_graph=use_graph,
                            compile=resolve_compile(cfg.compile, device, schedule.iterations))
 
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    atomic_write_json(run_dir / "env.json", {**environment(device), "resumed_at_iteration": iteration or None,
+    atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(run_dir / ENV, {**environment(device), "resumed_at_iteration": iteration or None,
                                              "precision": precision})
     session_start = time.perf_counter()
 

@@ -227,7 +227,7 @@ def returned(record: dict):
 
 def job_result(submitted_job, run_dir: Path, ended: bool = True):
     """The job's Hydra JobReturn; for a job that ended without one, a failed run's record."""
-    from resexp.files import read_json
+    from resexp.files import RESULT, read_json
 
     if ended:
         try:
@@ -238,7 +238,7 @@ def job_result(submitted_job, run_dir: Path, ended: bool = True):
         first_line = "SLURM no longer lists it, and its accounting does not tell how it ended"
     message = f"job {submitted_job.job_id} ended without a result ({first_line}); log: {submitted_job.paths.stderr}"
     try:
-        run_record = read_json(run_dir / "result.json")
+        run_record = read_json(run_dir / RESULT)
     except (OSError, ValueError):
         run_record = {"status": "failed", "run_name": run_dir.name}
     return returned({**run_record, "error": message, "outcome": "failed"})
@@ -248,11 +248,11 @@ def finished_result(run_dir: Path, cfg) -> dict | None:
     """The result of a run that has nothing left to train with this config (done or diverged), or None."""
     import yaml
     from resexp.config import config_differences
-    from resexp.files import read_json
+    from resexp.files import CONFIG, RESULT, read_json
 
     try:
-        result = read_json(run_dir / "result.json")
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        result = read_json(run_dir / RESULT)
+        saved = yaml.safe_load((run_dir / CONFIG).read_text())
         current = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001  (absent, torn or unresolvable: the job itself decides)
         return None
@@ -273,13 +273,14 @@ def forget_sweep(sweep_dir: Path, new_folder: bool, previous_record: dict | None
     import shutil
 
     from resexp import sweep as resexp_sweep
+    from resexp.files import SWEEP_RECORD
 
     if new_folder:
         shutil.rmtree(sweep_dir, ignore_errors=True)
     elif previous_record is not None:
         resexp_sweep.write_sweep_record(sweep_dir, previous_record)
     else:
-        (sweep_dir / resexp_sweep.SWEEP_RECORD).unlink(missing_ok=True)
+        (sweep_dir / SWEEP_RECORD).unlink(missing_ok=True)
 
 
 def print_submitted(sweep_dir: Path, runs: list, launcher) -> None:
