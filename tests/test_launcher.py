@@ -330,3 +330,45 @@ def test_a_job_that_ends_without_a_result_is_a_failed_run_not_a_stopped_sweep(tm
     assert run["result"]["error"].startswith(f"job {FAKE_ARRAY_JOB}_1 ended without a result (Job 4242_1")
     assert "4242_1_0_log.err" in run["result"]["error"] and "\n" not in run["result"]["error"]
     assert outcome_table(record)[1]  # the sweep ends with exit code 1
+
+
+class WaitedJob:
+    """A submitted job as wait_for_jobs sees it: done() after ``done_after`` polls, or never."""
+
+    watcher = type("Watcher", (), {"update": staticmethod(lambda: None)})()
+
+    def __init__(self, job_id: str, done_after: int | None = None):
+        self.job_id, self.done_after, self.polls = job_id, done_after, 0
+
+    def done(self) -> bool:
+        self.polls += 1
+        return self.done_after is not None and self.polls > self.done_after
+
+
+def test_without_accounting_a_job_squeue_no_longer_lists_ends_the_wait(monkeypatch):
+    """Without slurmdbd, sacct never says that a killed job ended: squeue's silence does, after a grace time."""
+    import hydra_plugins.resexp_sweeper.resexp_sweeper as sweeper
+
+    monkeypatch.setattr(sweeper, "POLL_S", 0.01)
+    monkeypatch.setattr(sweeper, "GONE_AFTER_S", 0.1)
+    # squeue: both listed, then it cannot say (a busy controller: no verdict), then only the second.
+    listings = iter([{"7_0", "7_1"}, None, None] + [{"7_1"}] * 10_000)
+    monkeypatch.setattr(sweeper, "listed_by_squeue", lambda job_ids: next(listings))
+    killed, finishing = WaitedJob("7_0"), WaitedJob("7_1", done_after=30)
+    started = time.monotonic()
+    assert sweeper.wait_for_jobs([killed, finishing], "slurm") == {"7_0": False, "7_1": True}
+    assert time.monotonic() - started >= 0.1  # not before the grace time
+
+
+def test_squeue_that_no_longer_knows_the_jobs_lists_none_and_one_that_fails_says_nothing(monkeypatch):
+    import hydra_plugins.resexp_sweeper.resexp_sweeper as sweeper
+
+    def squeue(stderr: str, returncode: int = 1, stdout: str = ""):
+        return lambda command, **kwargs: subprocess.CompletedProcess(command, returncode, stdout, stderr)
+
+    monkeypatch.setattr(sweeper.subprocess, "run", squeue("slurm_load_jobs error: Invalid job id specified"))
+    assert sweeper.listed_by_squeue(["7_0"]) == set()
+    monkeypatch.setattr(sweeper.subprocess, "run", squeue("slurm_load_jobs error: Socket timed out on send/recv"))
+    assert sweeper.listed_by_squeue(["7_0"]) is None
+    monkeypatch.setattr(sweeper.subprocess, "run", squeue("", 0, "7_0\n7_1\n"))
+    assert sweeper.listed_by_squeue(["7_0", "7_1"]) == {"7_0", "7_1"}

@@ -150,6 +150,15 @@ def time_limited(root: Path, env: dict) -> dict:
     return {"run": ran, "dir": the_run(sweep_dir), "logs": job_logs(sweep_dir)}
 
 
+def on_gpu_partition(root: Path, env: dict) -> dict:
+    """The README's GPU-partition command: one GPU per job (the cluster's stand-in GPU where it has none)."""
+    sweep_dir = root / "gpu"
+    ran = run_resexp(["sweep", "launcher=slurm", "launcher.partition=gpu", "launcher.cpus_per_task=1",
+                      "launcher.mem_gb=1", *SHORT, "arch=resnet", f"out={root}", "name=gpu"], env)
+    scripts = "".join(path.read_text() for path in sweep_dir.glob(".submitit/*/*_submission.sh"))
+    return {"run": ran, "dir": sweep_dir, "logs": job_logs(sweep_dir), "scripts": scripts}
+
+
 def impossible(root: Path, env: dict) -> dict:
     cores = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()
     ran = run_resexp(["sweep", *SHORT, "launcher=slurm", "launcher.gpus_per_node=0", "launcher.mem_gb=1",
@@ -159,7 +168,7 @@ def impossible(root: Path, env: dict) -> dict:
 
 SCENARIOS = {"short": submitted_then_rerun, "usr2": signalled("usr2"), "term_usr2": signalled("term_usr2"),
              "requeue": signalled("requeue"), "cancel": cancelled_and_resumed, "long": uninterrupted_long,
-             "limit": time_limited, "impossible": impossible}
+             "limit": time_limited, "gpu": on_gpu_partition, "impossible": impossible}
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +235,14 @@ def test_scancel_in_a_waiting_sweep_records_the_run_interrupted_and_the_same_com
     assert "1 interrupted" in cancel["status"][1].splitlines()[0]
     ok(cancel["resumed"])
     assert metrics(cancel["dir"]) == metrics(reference["dir"] / "resnet-8-s0")
+
+
+def test_a_sweep_on_a_gpu_partition_asks_one_gpu_per_job_and_finishes(scenarios):
+    gpu = scenarios["gpu"].result()
+    ok_or_logs(gpu["run"], gpu["logs"])
+    assert "#SBATCH --partition=gpu" in gpu["scripts"] and "#SBATCH --gpus-per-node=1" in gpu["scripts"]
+    assert json.loads((the_run(gpu["dir"]) / "result.json").read_text())["status"] == "done"
+    assert (gpu["dir"] / "curves.png").stat().st_size > 0
 
 
 def test_a_request_no_node_can_meet_is_one_line_and_exit_code_2(scenarios):

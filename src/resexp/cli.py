@@ -84,7 +84,7 @@ HELP_PAGES = {
               "finished runs and resumes the others. Any option of resexp train can take several values.",
               SWEEP_OPTIONS[:1] + TRAIN_OPTIONS[1:3] + SWEEP_OPTIONS[1:]
               + tuple(option for option in TRAIN_OPTIONS[3:] if option[0] != "name"),
-              ("resexp sweep depth=20,56,110 schedule=quick         plain and ResNet at three depths",
+              ("resexp sweep experiment=laptop                      the degradation on a CPU in about 10 minutes",
                "resexp sweep experiment=figure6 gpus=all            the paper's Figure 6, runs side by side")),
 }
 
