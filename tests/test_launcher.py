@@ -54,13 +54,13 @@ def resexp(args: list[str], env: dict) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def finish(process: subprocess.Popen) -> tuple[int, str, str]:
-    stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+def finish(process: subprocess.Popen, timeout_s: float = TIMEOUT_S) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=timeout_s)
     return process.returncode, stdout, stderr
 
 
-def run_resexp(args: list[str], env: dict) -> tuple[int, str, str]:
-    return finish(resexp(args, env))
+def run_resexp(args: list[str], env: dict, timeout_s: float = TIMEOUT_S) -> tuple[int, str, str]:
+    return finish(resexp(args, env), timeout_s)
 
 
 def wait_for(condition, process: subprocess.Popen, what: str, timeout_s: float = TIMEOUT_S) -> None:

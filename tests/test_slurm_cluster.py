@@ -37,14 +37,17 @@ ON_CPU_PARTITION = ["launcher=slurm", "launcher.partition=cpu", "launcher.gpus_p
                     "launcher.cpus_per_task=1", "launcher.mem_gb=1"]
 SHORT = ["depth=8", "schedule=smoke", "data=synthetic", "progress=false", "schedule.iterations=40",
          "schedule.eval_every=5", "schedule.checkpoint_every=1000"]
-# Long enough (about 100 s on an idle core, more on a busy one) that SLURM's time-limit warning
+# Long enough (about 65 s on an idle core, more on a busy one) that SLURM's time-limit warning
 # reaches its first job part-way.
 LONG = ["arch=resnet", "depth=8", "schedule=smoke", "data=synthetic", "progress=false",
-        "schedule.iterations=1800", "schedule.eval_every=100", "schedule.checkpoint_every=10000"]
+        "schedule.iterations=1000", "schedule.eval_every=100", "schedule.checkpoint_every=10000"]
 # slurmctld looks at time limits every 30 s and sends the warning up to 30 s early: a job warned
 # DELAY_S before a LIMIT_MIN limit gets it between 30 and 60 s after it starts, long after Python
 # has its handlers, and again in each requeued job, each time after some progress.
 LIMIT_MIN, DELAY_S = 2, 60
+# Each requeued job waits for a free core (the node runs one job per core) and gets 30 to 60 s
+# before its next warning: on a busy machine that takes a few rounds.
+LIMITED_TIMEOUT_S = 600
 
 
 def sweep(root: Path, name: str, *extra: str) -> list[str]:
@@ -146,7 +149,7 @@ def time_limited(root: Path, env: dict) -> dict:
     """A two-minute limit, warned a minute ahead: the job is requeued (and resumed) until the run is done."""
     sweep_dir = root / "limit"
     ran = run_resexp(sweep(root, "limit", *LONG, f"launcher.timeout_min={LIMIT_MIN}",
-                           f"hydra.launcher.signal_delay_s={DELAY_S}"), env)
+                           f"hydra.launcher.signal_delay_s={DELAY_S}"), env, timeout_s=LIMITED_TIMEOUT_S)
     return {"run": ran, "dir": the_run(sweep_dir), "logs": job_logs(sweep_dir)}
 
 

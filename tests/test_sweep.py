@@ -162,3 +162,23 @@ def test_the_sweep_command_says_what_it_will_cost_before_training(tmp_path, cli_
     sweep.communicate(timeout=300)
     estimates = [line for line in lines if line.startswith("estimated wall time: about")]
     assert len(estimates) == 1 and "2 runs on this CPU" in estimates[0] and "experiment=laptop" in estimates[0], lines
+
+
+def test_the_config_files_alone_say_which_keys_a_job_has_and_what_the_papers_net_is():
+    """Adding an option touches the YAML, not a list of keys or defaults in the code."""
+    from omegaconf import OmegaConf
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key
+
+    job = OmegaConf.to_container(compose([]), resolve=False)
+    composed = {key for key in leaves(job) if not key.startswith(("sweep.", "launcher."))}
+    assert composed == set(config_module.required_keys())
+    assert config_module.model_defaults() == job["model"]
+    for data in ("imagefolder", "synthetic"):  # every data set and schedule has the keys too
+        assert set(config_module.required_keys()) <= set(leaves(OmegaConf.to_container(
+            compose([f"data={data}", "schedule=smoke"]), resolve=False)))

@@ -594,27 +594,33 @@ def run_grid(measured: list[dict]) -> tuple[list[str], list[list[dict | None]]]:
     return archs, [[row.get(arch) for arch in archs] for row in twins.values()]
 
 
+def filled_panels(grid: list[list], axes):
+    """(run, panel) for each filled cell of a ``run_grid``; the panels of empty cells are switched off."""
+    for grid_row, row_axes in zip(grid, axes):
+        for entry, ax in zip(grid_row, row_axes):
+            if entry is None:
+                ax.set_axis_off()
+            else:
+                yield entry, ax
+
+
 def draw_gradients_by_layer(measured: list[dict], path: Path) -> str:
     archs, grid = run_grid(measured)
     with matplotlib.rc_context(FIGURE_STYLE):
         fig = Figure(figsize=(6.0 * len(archs), 0.8 + 3.4 * len(grid)), layout="constrained")
         axes = fig.subplots(len(grid), len(archs), squeeze=False, sharey=True)
-        for grid_row, row_axes in zip(grid, axes):
-            for entry, ax in zip(grid_row, row_axes):
-                if entry is None:
-                    ax.set_axis_off()
-                    continue
-                norms = np.asarray(entry["grad_norms"])
-                picked = snapshot_indices(len(norms))
-                colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(picked)))
-                for colour, index in zip(colours, picked):
-                    ax.plot(np.arange(1, norms.shape[1] + 1), norms[index], color=colour, marker=".",
-                            label=f"iteration {entry['iterations'][index]}")
-                ax.set_yscale("log")
-                ax.set_title(run_title(entry))
-                ax.set_xlabel("layer (1 = input side)")
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.legend(loc="best", framealpha=0.9)
+        for entry, ax in filled_panels(grid, axes):
+            norms = np.asarray(entry["grad_norms"])
+            picked = snapshot_indices(len(norms))
+            colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(picked)))
+            for colour, index in zip(colours, picked):
+                ax.plot(np.arange(1, norms.shape[1] + 1), norms[index], color=colour, marker=".",
+                        label=f"iteration {entry['iterations'][index]}")
+            ax.set_yscale("log")
+            ax.set_title(run_title(entry))
+            ax.set_xlabel("layer (1 = input side)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(loc="best", framealpha=0.9)
         for ax in axes[:, 0]:
             ax.set_ylabel("gradient norm")
         fig.suptitle("Gradient norm of each weighted layer at a few iterations (last training step before the "
@@ -631,20 +637,16 @@ def draw_gradient_heatmaps(measured: list[dict], path: Path) -> str:
         fig = Figure(figsize=(6.0 * len(archs) + 1.0, 0.8 + 3.4 * len(grid)), layout="constrained")
         axes = fig.subplots(len(grid), len(archs), squeeze=False)
         mesh = None
-        for grid_row, row_axes in zip(grid, axes):
-            for entry, ax in zip(grid_row, row_axes):
-                if entry is None:
-                    ax.set_axis_off()
-                    continue
-                norms = np.asarray(entry["grad_norms"])
-                masked = np.ma.masked_where(~(np.isfinite(norms) & (norms > 0)), norms)
-                mesh = ax.pcolormesh(cell_edges(entry["iterations"]), np.arange(0.5, norms.shape[1] + 1),
-                                     masked.T, norm=norm, cmap="magma", shading="flat")
-                ax.set_title(run_title(entry))
-                ax.set_xlabel("iteration")
-                ax.set_ylabel("layer (1 = input side)")
-                ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
-                ax.grid(False)
+        for entry, ax in filled_panels(grid, axes):
+            norms = np.asarray(entry["grad_norms"])
+            masked = np.ma.masked_where(~(np.isfinite(norms) & (norms > 0)), norms)
+            mesh = ax.pcolormesh(cell_edges(entry["iterations"]), np.arange(0.5, norms.shape[1] + 1),
+                                 masked.T, norm=norm, cmap="magma", shading="flat")
+            ax.set_title(run_title(entry))
+            ax.set_xlabel("iteration")
+            ax.set_ylabel("layer (1 = input side)")
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
+            ax.grid(False)
         if mesh is not None:
             fig.colorbar(mesh, ax=axes, label="gradient norm (log scale)", shrink=0.9)
         fig.suptitle("Gradient norm by layer and iteration")

@@ -25,20 +25,9 @@ CONFIG_MODULE = "resexp.conf"
 DATA_NAMES = ("cifar10", "imagefolder", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-# The paper's net; a single run's folder name lists the model options that differ from it.
-MODEL_DEFAULTS = {"shortcut": "A", "block": "basic", "residual_scale": 1.0, "family": "cifar", "width": 256}
 SEED_LIMIT = 2**32  # numpy's and most tools' seed range; torch takes no seed of 2**64 or more
 MAX_MLP_WIDTH = 16_384  # a 16k x 16k dense layer is 268 M weights: wider nets do not fit in memory
 MAX_SYNTHETIC_IMAGES = 1_000_000  # 3 GB of generated images
-# Keys every job config must have (``~seed`` on the command line deletes one).
-REQUIRED_KEYS = ("arch", "depth", "seed", "device", "precision", "resume", "compile", "out", "name", "progress",
-                 "model.shortcut", "model.block", "model.residual_scale", "model.family", "model.width",
-                 "schedule.iterations", "schedule.batch_size", "schedule.eval_every", "schedule.checkpoint_every",
-                 "schedule.eval_batch_size", "schedule.lr", "schedule.gamma", "schedule.momentum",
-                 "schedule.weight_decay", "schedule.milestones", "schedule.warmup.lr",
-                 "schedule.warmup.until_train_error", "schedule.warmup.min_depth", "schedule.warmup.check_every",
-                 "data.name", "data.root", "data.train_size", "data.test_size", "data.val_size", "data.resize",
-                 "data.augment.padding", "data.augment.flip")
 # Keys that may differ when a run resumes: where results go and how they are shown,
 # not what is trained.
 RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "compile", "cuda_graph", "sweep",
@@ -60,7 +49,7 @@ def run_name(cfg: DictConfig) -> str:
         if cfg.data.name != "cifar10":
             parts.append(str(cfg.data.name))
         for key, value in cfg.model.items():
-            if MODEL_DEFAULTS.get(key) != value and not (key == "shortcut" and cfg.arch == "plain"):
+            if model_defaults().get(key) != value and not (key == "shortcut" and cfg.arch == "plain"):
                 parts.append(f"{key}_{value}")
     return _safe("-".join(parts))
 
@@ -151,6 +140,34 @@ def config_folder() -> Path:
     return Path(str(files(CONFIG_MODULE)))
 
 
+def _config_file(relative: str) -> dict:
+    """One file of conf/ as it is written (no composition, no interpolation)."""
+    return OmegaConf.to_container(OmegaConf.create((config_folder() / relative).read_text()), resolve=False) or {}
+
+
+def _leaves(node: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        if key in ("defaults", "hydra", "sweep"):  # Hydra's lists and settings; what resexp sweep fills in
+            continue
+        keys += _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+    return keys
+
+
+@functools.lru_cache(maxsize=1)
+def required_keys() -> tuple[str, ...]:
+    """The keys every job config has (``~seed`` on the command line deletes one): those of
+    config.yaml, and of the schedule and data set that every other one extends."""
+    return tuple(_leaves(_config_file("config.yaml")) + _leaves(_config_file("schedule/paper.yaml"), "schedule.")
+                 + _leaves(_config_file("data/cifar10.yaml"), "data."))
+
+
+@functools.lru_cache(maxsize=1)
+def model_defaults() -> dict:
+    """The paper's net: the ``model.*`` options as config.yaml sets them."""
+    return _config_file("config.yaml")["model"]
+
+
 @functools.lru_cache(maxsize=1)
 def known_keys() -> tuple[str, ...]:
     """Every key a user can set, as dotted paths, read from the config files themselves
@@ -190,7 +207,7 @@ def problems(cfg: DictConfig) -> list[str]:
     """Every invalid value in a job config, one line each (empty when all is well)."""
     found: list[str] = []
     absent = object()
-    removed = [key for key in REQUIRED_KEYS
+    removed = [key for key in required_keys()
                if OmegaConf.select(cfg, key, default=absent, throw_on_resolution_failure=False) is absent]
     if len(removed) > 1 and "name" in removed:
         removed.remove("name")  # the default name is made from the other keys: it fails with them

@@ -479,6 +479,6 @@ def forward_macs(model: nn.Module, image_shape: tuple[int, ...] = (3, 32, 32)) -
 
 
 def build_model_for(cfg, num_classes: int = 10) -> nn.Module:
-    """The net a run's config (``arch``, ``depth``, ``model.*``) describes."""
-    return build_model(cfg.arch, cfg.depth, cfg.model.shortcut, num_classes=num_classes, block=cfg.model.block,
-                       residual_scale=cfg.model.residual_scale, family=cfg.model.family, width=cfg.model.width)
+    """The net a run's config (``arch``, ``depth``, ``model.*``) describes: each ``model.*`` option
+    is the keyword of ``build_model`` with its name."""
+    return build_model(cfg.arch, cfg.depth, num_classes=num_classes, **cfg.model)

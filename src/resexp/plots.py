@@ -989,11 +989,13 @@ def _images_per_s(run: RunRecord) -> float:
 
 
 def _paper_value(group: _Group) -> float | None:
-    """Table 6 applies to the paper's nets only: conv ResNets with basic blocks, option-A shortcuts
-    and an unscaled residual branch."""
+    """Table 6 applies to the paper's nets only: ResNets with every ``model.*`` option at its default
+    (conv nets, basic blocks, option-A shortcuts, an unscaled residual branch)."""
+    from resexp.config import model_defaults
+
     model = group.runs[0].config.get("model") or {}
-    paper_net = (group.arch == "resnet" and group.family == "cifar" and model.get("shortcut") in (None, "A")
-                 and model.get("block") in (None, "basic") and model.get("residual_scale") in (None, 1, 1.0))
+    paper_net = group.arch == "resnet" and all(model.get(key, default) == default
+                                               for key, default in model_defaults().items())
     return PAPER_RESNET_TEST_ERROR.get(group.depth) if paper_net else None
 
 

@@ -116,6 +116,7 @@ def expand_grid(default_params: dict, arguments: list[str], exclude: list[dict])
 def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[str]], DictConfig],
               sweep_dir: Path | None = None):
     """Check every job's config and name its run folder; one error lists every bad value.
+    Each planned job: its run folder name, overrides, cost (what is left to train) and composed config.
 
     With ``sweep_dir``, a run folder that already holds a run of another config (or one that another
     process is training) is refused here too, before anything is written into it.
@@ -147,9 +148,10 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
             except UsageError as error:
                 found.append(str(error))
                 continue
-        # What is left to train, for the cost line before the sweep and the ETA during it.
+        # What is left to train, for the cost line before the sweep and the ETA during it; the
+        # composed config goes along so that nothing composes this job again before it is launched.
         planned.append({"run": run, "overrides": overrides,
-                        "cost": run_cost(cfg, sweep_dir / run if sweep_dir is not None else None)})
+                        "cost": run_cost(cfg, sweep_dir / run if sweep_dir is not None else None), "config": cfg})
     if found:
         unique = list(dict.fromkeys(found))
         raise UsageError(f"the sweep has {len(unique)} problem(s), nothing was run: " + "; ".join(unique))

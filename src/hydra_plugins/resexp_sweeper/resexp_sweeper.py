@@ -42,15 +42,16 @@ class ResexpSweeper(BasicSweeper):
             planned = resexp_sweep.plan_jobs(jobs, swept, self.job_config, Path(self.config.hydra.sweep.dir))
         except UsageError as error:
             exit_with(error)
+        configs = [job.pop("config") for job in planned]  # composed once, in plan_jobs; sweep.json keeps the rest
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         print(f"sweep folder: {sweep_dir} ({len(planned)} runs)", file=sys.stderr, flush=True)
         if not is_submitit_launcher(self.launcher):  # the runs train here: say what they will cost
             from resexp.estimate import cost_line
 
-            left = [job for job in planned if job["cost"] > 0]
+            left = [number for number, job in enumerate(planned) if job["cost"] > 0]
             gpus = self.config.sweep.gpus
-            line = cost_line([self.job_config(job["overrides"]) for job in left], [job["cost"] for job in left],
+            line = cost_line([configs[number] for number in left], [planned[number]["cost"] for number in left],
                              parallel=len(gpus) if gpus else 1)
             if line:
                 print(line, file=sys.stderr, flush=True)
@@ -65,7 +66,7 @@ class ResexpSweeper(BasicSweeper):
         if is_submitit_launcher(self.launcher):
             # A finished run would only cost a queue wait (and a GPU) to be skipped in its job.
             finished = {number: result for number, job in enumerate(planned)
-                        if (result := finished_result(sweep_dir / job["run"], self.job_config(job["overrides"])))}
+                        if (result := finished_result(sweep_dir / job["run"], configs[number]))}
             to_submit = [number for number in range(len(planned)) if number not in finished]
             submitted = {}
             if to_submit:
