@@ -134,19 +134,13 @@ def report(sweeps: list[dict], machine: str, cache_was_warm: bool, args) -> str:
 
 
 def machine_line() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from resexp.bench import cpu_model
+    from resexp.train import usable_cores
+
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cores} CPU cores ({model}), {memory_gib:.0f} GiB, Python {platform.python_version()}, "
+    return (f"{usable_cores()} CPU cores ({cpu_model()}), {memory_gib:.0f} GiB, Python {platform.python_version()}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} torch threads")
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UsageError
+from .data import DATASET_NAMES
 from .files import unusable_folder_reason
 from .models import ARCHS, BLOCKS, FAMILIES, SHORTCUTS, blocks_per_stage, check_mlp_depth
 
 CONFIG_MODULE = "resexp.conf"
-DATA_NAMES = ("cifar10", "imagefolder", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SEED_LIMIT = 2**32  # numpy's and most tools' seed range; torch takes no seed of 2**64 or more
@@ -295,7 +295,7 @@ def problems(cfg: DictConfig) -> list[str]:
          "a non-negative integer, or null for no warm-up")
     positive_int("schedule.warmup.check_every")
 
-    one_of("data.name", DATA_NAMES)
+    one_of("data.name", DATASET_NAMES)
     for key in ("train_size", "test_size", "val_size"):
         optional_positive_int(f"data.{key}")
     if cfg.data.name == "synthetic":  # generated: the sizes are what is made, not a subset of what exists

@@ -206,8 +206,16 @@ def format_duration(seconds: float | None) -> str:
     return f"{secs}s"
 
 
-def _percent(value) -> str:
+def percent(value) -> str:
     return "" if value is None else f"{100 * value:.2f}%"
+
+
+def aligned_table(rows: list[tuple]) -> list[str]:
+    """Rows of cells as lines of left-aligned columns, the first row a header underlined with dashes."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return lines
 
 
 def status_table(folder: Path, runs: list[RunStatus]) -> str:
@@ -220,12 +228,10 @@ def status_table(folder: Path, runs: list[RunStatus]) -> str:
         done = "" if run.iterations_done is None else str(run.iterations_done)
         total = "" if run.iterations is None else str(run.iterations)
         rows.append((run.name, run.state, f"{done}/{total}" if done or total else "",
-                     _percent(run.train_error), _percent(run.test_error),
+                     percent(run.train_error), percent(run.test_error),
                      format_duration(run.elapsed_s) if run.elapsed_s else "",
                      format_duration(run.eta_s) if run.eta_s is not None else "", run.where))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines = aligned_table(rows)
     problems = [f"  {run.name}: {run.error.strip().splitlines()[0]}" for run in runs
                 if run.error and run.state in ("failed", "diverged", "stalled", "damaged")]
     return "\n".join([header, *lines, *(["", "errors:", *problems] if problems else [])])

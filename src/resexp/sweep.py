@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from . import config as config_module
 from .errors import UsageError
 from .files import RESULT, SWEEP_RECORD, atomic_write_json, read_json
-from .status import _percent, format_duration
+from .status import aligned_table, format_duration, percent
 
 
 # --- planning -----------------------------------------------------------------------------------
@@ -242,15 +242,12 @@ def outcome_table(record: dict) -> tuple[str, bool]:
         if status in ("diverged", "interrupted"):
             shown = status
         any_failed |= status in ("failed",) or outcome in ("failed", "not run")
-        rows.append((job["run"], shown, _percent(result.get("final_train_error")),
-                     _percent(result.get("final_test_error")),
+        rows.append((job["run"], shown, percent(result.get("final_train_error")),
+                     percent(result.get("final_test_error")),
                      # A run that failed before it started has no numbers: an empty cell, not "/".
                      f"{result.get('iterations_done') or 0}/{result['iterations']}" if result.get("iterations") else "",
                      format_duration(result["wall_time_s"]) if result.get("wall_time_s") else ""))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines), any_failed
+    return "\n".join(aligned_table(rows)), any_failed
 
 
 def finished_record(sweep_dir: Path, record: dict, results: list) -> dict:
