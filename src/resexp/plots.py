@@ -994,8 +994,9 @@ def _paper_value(group: _Group) -> float | None:
     from resexp.config import model_defaults
 
     model = group.runs[0].config.get("model") or {}
+    # model.width sizes MLPs only; family=cifar, checked with the rest, already leaves MLPs out.
     paper_net = group.arch == "resnet" and all(model.get(key, default) == default
-                                               for key, default in model_defaults().items())
+                                               for key, default in model_defaults().items() if key != "width")
     return PAPER_RESNET_TEST_ERROR.get(group.depth) if paper_net else None
 
 
