@@ -169,9 +169,11 @@ def impossible(root: Path, env: dict) -> dict:
     return {"run": ran, "dir": root / "impossible"}
 
 
-SCENARIOS = {"short": submitted_then_rerun, "usr2": signalled("usr2"), "term_usr2": signalled("term_usr2"),
-             "requeue": signalled("requeue"), "cancel": cancelled_and_resumed, "long": uninterrupted_long,
-             "limit": time_limited, "gpu": on_gpu_partition, "impossible": impossible}
+# The longest first: SLURM starts jobs in the order they were submitted, and the time-limit
+# scenario (requeued, and queueing again each time) sets how long the module takes.
+SCENARIOS = {"limit": time_limited, "long": uninterrupted_long, "short": submitted_then_rerun,
+             "usr2": signalled("usr2"), "term_usr2": signalled("term_usr2"), "requeue": signalled("requeue"),
+             "cancel": cancelled_and_resumed, "gpu": on_gpu_partition, "impossible": impossible}
 
 
 @pytest.fixture(scope="module")
