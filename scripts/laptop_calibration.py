@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from resexp.data import cache_paths
 from resexp.files import RESULT, atomic_write_text, read_result
 from resexp.status import format_duration
 
@@ -47,7 +48,7 @@ def main() -> int:
               f"tar -xJf ../shared/data/cifar10-jpeg.tar.xz -C {data}", file=sys.stderr)
         return 2
     resexp = Path(sys.executable).with_name("resexp")
-    cache_was_warm = any(data.glob(".resexp-cache*")) or (Path.home() / ".cache" / "resexp").is_dir()
+    cache_was_warm = any(path.is_file() for path in cache_paths(data))
     machine = machine_line()
 
     sweeps = []
@@ -75,7 +76,8 @@ def main() -> int:
 
 def findings(runs: dict) -> dict:
     """The paper's three findings on final training error, in points, for one seed's sweep."""
-    shallow, deep = sorted({depth for _, depth in runs})[0], sorted({depth for _, depth in runs})[-1]
+    depths = sorted({depth for _, depth in runs})
+    shallow, deep = depths[0], depths[-1]
     error = {key: 100 * run["final_train_error"] for key, run in runs.items()}
     return {
         "shallow": shallow, "deep": deep,

@@ -317,7 +317,7 @@ def _cache_key(root: Path, files: list[_FileEntry], resize: bool) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _cache_paths(root: Path) -> list[Path]:
+def cache_paths(root: Path) -> list[Path]:
     """Where a folder's cache may live: in the folder, else in the user's cache dir (read-only data)."""
     user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "resexp"
     root_hash = hashlib.sha1(str(root.resolve()).encode()).hexdigest()
@@ -325,7 +325,7 @@ def _cache_paths(root: Path) -> list[Path]:
 
 
 def _read_cache(root: Path, key: str) -> ImageData | None:
-    for path in _cache_paths(root):
+    for path in cache_paths(root):
         if not path.is_file():
             continue
         try:
@@ -371,7 +371,7 @@ def _write_cache(root: Path, key: str, data: ImageData) -> None:
         "classes": data.classes,
     }
     failures = []
-    for path in _cache_paths(root):
+    for path in cache_paths(root):
         try:
             atomic_write(path, lambda f: torch.save(payload, f))
             return
