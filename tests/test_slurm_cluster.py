@@ -37,10 +37,10 @@ ON_CPU_PARTITION = ["launcher=slurm", "launcher.partition=cpu", "launcher.gpus_p
                     "launcher.cpus_per_task=1", "launcher.mem_gb=1"]
 SHORT = ["depth=8", "schedule=smoke", "data=synthetic", "progress=false", "schedule.iterations=40",
          "schedule.eval_every=5", "schedule.checkpoint_every=1000"]
-# Long enough (about 65 s on an idle core, more on a busy one) that SLURM's time-limit warning
-# reaches its first job part-way.
+# Long enough (about 110 s on an idle core, more on a busy one) that SLURM's time-limit warning,
+# at most 60 s after the job starts, always reaches its first job part-way.
 LONG = ["arch=resnet", "depth=8", "schedule=smoke", "data=synthetic", "progress=false",
-        "schedule.iterations=1000", "schedule.eval_every=100", "schedule.checkpoint_every=10000"]
+        "schedule.iterations=1800", "schedule.eval_every=100", "schedule.checkpoint_every=10000"]
 # slurmctld looks at time limits every 30 s and sends the warning up to 30 s early: a job warned
 # DELAY_S before a LIMIT_MIN limit gets it between 30 and 60 s after it starts, long after Python
 # has its handlers, and again in each requeued job, each time after some progress.
