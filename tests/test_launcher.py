@@ -34,6 +34,7 @@ RESUMABLE = ["arch=resnet", "depth=8", "schedule=smoke", "data=synthetic", "prog
              "schedule.iterations=40", "schedule.eval_every=5"]
 TIMING_FIELDS = ("time_s", "images_per_s")
 FAKE_ARRAY_JOB = "4242"
+SETUP_MARK = "setup-line-ran"
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -127,7 +128,9 @@ def fake_slurm_sweep(root: Path, env: dict) -> dict:
     for tool in ("sbatch", "srun"):
         (bin_dir / tool).chmod(0o755)
     env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"}
+    # The README's other sbatch options, through Hydra's launcher config.
     submitted = run_resexp(["sweep", *SMOKE, "launcher=slurm", "launcher.partition=gpu", "launcher.wait=false",
+                            "hydra.launcher.account=proj7", f"hydra.launcher.setup=['echo {SETUP_MARK}']",
                             f"out={root}", "name=smoke"], env)
     sweep_dir = root / "smoke"
     record_after_submission = json.loads((sweep_dir / "sweep.json").read_text())
@@ -248,7 +251,7 @@ def test_slurm_sweep_without_waiting_submits_one_array_and_returns(scenarios):
     ok(slurm["submitted"])
     stdout = slurm["submitted"][1]
     assert f"{FAKE_ARRAY_JOB}_0" in stdout and f"{FAKE_ARRAY_JOB}_1" in stdout
-    for flag in ("--partition=gpu", "--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=4",
+    for flag in ("--partition=gpu", "--account=proj7", "--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=4",
                  "--mem=16GB", "--time=240", "--array=0-1%2", "--signal=USR2@120"):
         assert f"#SBATCH {flag}\n" in slurm["script"], flag
     runs = slurm["record"]["runs"]
@@ -261,6 +264,7 @@ def test_slurm_array_task_trains_its_run_and_records_where(scenarios, capsys):
 
     slurm, default = scenarios["fake_slurm"].result(), scenarios["default"].result()
     assert slurm["task"].returncode == 0, slurm["task"].stderr[-3000:]
+    assert f"echo {SETUP_MARK}\n" in slurm["script"] and SETUP_MARK in slurm["task"].stdout  # before the job
     run_dir = slurm["dir"] / "plain-8-s0"
     env = json.loads((run_dir / "env.json").read_text())
     assert (env["slurm_job_id"], env["slurm_array_task_id"]) == ("4243", "0") and env["host"]

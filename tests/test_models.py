@@ -5,8 +5,8 @@ import pickle
 import pytest
 import torch
 
-from resexp.errors import UsageError
-from resexp.models import BasicBlock, ZeroPadShortcut, build_model, count_parameters
+from resexp.config import compose, problems
+from resexp.models import BasicBlock, ZeroPadShortcut, build_model, count_parameters, is_cifar_depth
 
 # He et al. 2015, Table 6 (option A shortcuts add no parameters, so plain nets match).
 PAPER_PARAMETERS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962, 1202: 19_421_274}
@@ -82,12 +82,11 @@ def test_he_initialisation_of_convolutions():
 
 @pytest.mark.parametrize("depth", [21, 0, 2, "abc"])
 def test_depth_must_be_6n_plus_2(depth):
-    with pytest.raises(UsageError, match=f"depth must be 6n\\+2 .*got {depth}"):
-        build_model("resnet", depth)
+    # The nets trust their arguments: the config check is where a bad depth is caught.
+    assert f"depth must be 6n+2 (20, 32, 44, 56, 110, 1202, ...); got {depth}" in problems(compose([f"depth={depth}"]))
+    assert not is_cifar_depth(depth)
 
 
 def test_unknown_arch_and_shortcut_are_errors():
-    with pytest.raises(UsageError, match="arch must be one of plain, resnet; got 'dense'"):
-        build_model("dense", 20)
-    with pytest.raises(UsageError, match="model.shortcut must be one of A, B, C; got 'D'"):
-        build_model("resnet", 20, shortcut="D")
+    assert problems(compose(["arch=dense"])) == ["arch must be one of plain, resnet; got 'dense'"]
+    assert problems(compose(["model.shortcut=D"])) == ["model.shortcut must be one of A, B, C; got 'D'"]

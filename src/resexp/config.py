@@ -19,8 +19,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UsageError
 from .data import DATASET_NAMES
-from .files import unusable_folder_reason
-from .models import ARCHS, BLOCKS, FAMILIES, SHORTCUTS, blocks_per_stage, check_mlp_depth
+from .files import unusable_folder_reason, unwritable_reason
+from .models import ARCHS, BLOCKS, FAMILIES, MLP_MIN_DEPTH, SHORTCUTS, is_cifar_depth
 
 CONFIG_MODULE = "resexp.conf"
 DEVICES = ("auto", "cpu", "cuda")
@@ -28,6 +28,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SEED_LIMIT = 2**32  # numpy's and most tools' seed range; torch takes no seed of 2**64 or more
 MAX_MLP_WIDTH = 16_384  # a 16k x 16k dense layer is 268 M weights: wider nets do not fit in memory
 MAX_SYNTHETIC_IMAGES = 1_000_000  # 3 GB of generated images
+BENCH_MEASURES = ("throughput", "memory")  # what resexp bench measures: images/s, or bytes
 # Keys that may differ when a run resumes: where results go and how they are shown,
 # not what is trained.
 RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "compile", "cuda_graph", "sweep",
@@ -76,8 +77,9 @@ OmegaConf.register_new_resolver("resexp_run_name", _resolve_run_name, replace=Tr
 
 # --- composing ---------------------------------------------------------------------------------
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The job config for these overrides, as ``resexp train`` would see it.
+def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
+    """The job config for these overrides, as ``resexp train`` would see it (``config_name="bench"``:
+    as ``resexp bench`` sees it, conf/bench.yaml).
 
     Hydra's composition errors become one-line UsageErrors.
     """
@@ -88,12 +90,12 @@ def compose(overrides: list[str]) -> DictConfig:
 
     try:
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            cfg = hydra_compose("config", overrides=list(overrides))
+            cfg = hydra_compose(config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
         if "hydra/launcher/submitit" in str(error) and not _has_submitit_launcher():
             raise UsageError("launcher=slurm and launcher=submitit_local need Hydra's submitit launcher: "
                              "pip install 'resexp[slurm]'") from error
-        raise UsageError(hydra_error_line(error)) from error
+        raise UsageError(hydra_error_line(error, config_name)) from error
     return cfg
 
 
@@ -110,11 +112,11 @@ def _has_submitit_launcher() -> bool:
 UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'\.\s*To append to your config use \+")
 
 
-def hydra_error_line(error: BaseException) -> str:
+def hydra_error_line(error: BaseException, config_name: str = "config") -> str:
     """Hydra's multi-line composition errors, cut down to one line a user can act on."""
     unknown = UNKNOWN_KEY.search(str(error))
     if unknown:
-        return unknown_key_line(unknown.group(1))
+        return unknown_key_line(unknown.group(1), config_name)
     text = str(error).split("Config search path")[0]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
@@ -127,9 +129,10 @@ def hydra_error_line(error: BaseException) -> str:
     return " ".join(lines) or type(error).__name__
 
 
-def unknown_key_line(key: str) -> str:
-    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}?" if close else "resexp train --help lists the main ones"
+def unknown_key_line(key: str, config_name: str = "config") -> str:
+    close = difflib.get_close_matches(key, known_keys(config_name), n=1, cutoff=0.6)
+    command = "train" if config_name == "config" else config_name  # conf/bench.yaml is resexp bench's
+    hint = f"did you mean {close[0]}?" if close else f"resexp {command} --help lists the main ones"
     return f"unknown key {key!r}: {hint} (--cfg job prints every key)"
 
 
@@ -168,10 +171,11 @@ def model_defaults() -> dict:
     return _config_file("config.yaml")["model"]
 
 
-@functools.lru_cache(maxsize=1)
-def known_keys() -> tuple[str, ...]:
+@functools.lru_cache(maxsize=2)
+def known_keys(config_name: str = "config") -> tuple[str, ...]:
     """Every key a user can set, as dotted paths, read from the config files themselves
-    (composing would need Hydra, which may be mid-run when a sweep reports an error)."""
+    (composing would need Hydra, which may be mid-run when a sweep reports an error).
+    ``config_name="bench"`` adds the keys of conf/bench.yaml."""
     root = config_folder()
     keys = {"data", "schedule", "launcher", "experiment"}  # the config groups
 
@@ -183,7 +187,8 @@ def known_keys() -> tuple[str, ...]:
             if isinstance(value, dict):
                 add(value, f"{prefix}{key}.")
 
-    for path in [root / "config.yaml", *sorted(root.glob("*/*.yaml"))]:
+    primary = sorted({root / "config.yaml", root / f"{config_name}.yaml"})
+    for path in [*primary, *sorted(root.glob("*/*.yaml"))]:
         if path.parent.name in ("hydra", "experiment"):  # Hydra's own settings; presets set no new keys
             continue
         text = path.read_text()
@@ -236,14 +241,12 @@ def problems(cfg: DictConfig) -> list[str]:
 
     one_of("arch", ARCHS)
     one_of("model.family", FAMILIES)
-    try:
-        # Fully connected nets take any depth from 2; the conv nets need 6n+2.
-        if OmegaConf.select(cfg, "model.family") == "mlp":
-            check_mlp_depth(cfg.depth)
-        else:
-            blocks_per_stage(cfg.depth)
-    except UsageError as error:
-        found.append(str(error))
+    # Fully connected nets take any depth from 2; the conv nets need 6n+2.
+    if OmegaConf.select(cfg, "model.family") == "mlp":
+        if not (_is_int(cfg.depth) and cfg.depth >= MLP_MIN_DEPTH):
+            found.append(f"depth must be an integer >= {MLP_MIN_DEPTH} for model.family=mlp; got {cfg.depth}")
+    elif not is_cifar_depth(cfg.depth):
+        found.append(f"depth must be 6n+2 (20, 32, 44, 56, 110, 1202, ...); got {cfg.depth}")
     one_of("model.shortcut", SHORTCUTS)
     one_of("model.block", BLOCKS)
     number("model.residual_scale", -float("inf"), float("inf"), "a finite number")
@@ -325,9 +328,39 @@ def problems(cfg: DictConfig) -> list[str]:
     return found
 
 
-def check(cfg: DictConfig) -> None:
-    """Raise one UsageError naming every invalid value."""
-    found = problems(cfg)
+def bench_problems(cfg: DictConfig) -> list[str]:
+    """Every invalid value among the keys only resexp bench has (``bench.*``, conf/bench.yaml)."""
+    absent = object()
+    values = {key: OmegaConf.select(cfg, f"bench.{key}", default=absent)
+              for key in _config_file("bench.yaml")["bench"]}
+    removed = [key for key, value in values.items() if value is absent]
+    if removed:  # the checks below read these keys
+        return [f"bench.{key} must be set (it cannot be removed with ~bench.{key}); leave it out to get its default"
+                for key in removed]
+    found: list[str] = []
+
+    def need(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            found.append(f"bench.{key} must be {allowed}; got {values[key]!r}")
+
+    for key in ("steps", "warmup", "windows"):  # warm-up: the first step compiles or starts workers, untimed
+        need(_is_int(values[key]) and values[key] > 0, key, "a positive integer")
+    workers, threads, path = values["workers"], values["threads"], values["json"]
+    need(workers is None or (_is_int(workers) and workers >= 0), "workers", "a non-negative integer, or null")
+    need(threads is None or (_is_int(threads) and threads > 0), "threads", "a positive integer, or null")
+    need(isinstance(values["reference"], bool), "reference", "true or false")
+    need(values["measure"] in BENCH_MEASURES, "measure", "one of " + ", ".join(BENCH_MEASURES))
+    need(path is None or (isinstance(path, str) and path.strip() != ""), "json",
+         "the path of the record to write, or null for one under outputs/bench/")
+    if isinstance(path, str) and path.strip() and unwritable_reason(path):
+        found.append(f"bench.json={path} cannot be written: {unwritable_reason(path)}; "
+                     "give a file path in a folder that exists or can be made")
+    return found
+
+
+def check(cfg: DictConfig, config_name: str = "config") -> None:
+    """Raise one UsageError naming every invalid value (``config_name="bench"``: of resexp bench's config)."""
+    found = problems(cfg) + (bench_problems(cfg) if config_name == "bench" else [])
     if found:
         raise UsageError("; ".join(found))
 

@@ -28,6 +28,9 @@ Every block is a ``Block``: ``blocks(model)`` lists them in forward order,
 ``gradient_norms(model)``, one gradient norm each), and ``response_modules(model)``
 the modules whose outputs are the layer responses of the paper's Figure 7. The
 analyses in ``analyze.py`` use only these.
+
+The constructors trust their arguments: ``config.problems`` checks every value a user
+can set before a net is built.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import UsageError
 
 ARCHS = ("plain", "resnet")
 SHORTCUTS = ("A", "B", "C")
@@ -47,22 +49,15 @@ IMAGE_FEATURES = 3 * 32 * 32  # a flattened CIFAR image: the input of the fully 
 MLP_MIN_DEPTH = 2  # an input layer and an output layer
 
 
+def is_cifar_depth(depth) -> bool:
+    """Whether the paper's CIFAR nets exist at this depth: ``6n + 2`` weighted layers, n >= 1."""
+    return isinstance(depth, int) and not isinstance(depth, bool) and depth >= 8 and (depth - 2) % 6 == 0
+
+
 def blocks_per_stage(depth: int) -> int:
-    """``n`` for a ``6n + 2``-layer net; a clear error for any other depth."""
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 8 or (depth - 2) % 6:
-        raise UsageError(f"depth must be 6n+2 (20, 32, 44, 56, 110, 1202, ...); got {depth}")
+    """``n`` for a ``6n + 2``-layer net (the config was checked: ``config.problems``)."""
+    assert is_cifar_depth(depth), depth
     return (depth - 2) // 6
-
-
-def check_mlp_depth(depth: int) -> None:
-    """Fully connected nets take any number of weighted layers from 2 up."""
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < MLP_MIN_DEPTH:
-        raise UsageError(f"depth must be an integer >= {MLP_MIN_DEPTH} for model.family=mlp; got {depth}")
-
-
-def _check_choice(key: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise UsageError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 # --- shortcuts ----------------------------------------------------------------------------------
@@ -102,7 +97,6 @@ def make_shortcut(option: str | None, in_channels: int, out_channels: int, strid
     """The shortcut of one block, or None for a plain block."""
     if option is None:
         return None
-    _check_choice("model.shortcut", option, SHORTCUTS)
     shape_changes = stride != 1 or in_channels != out_channels
     if option == "C" or (option == "B" and shape_changes):
         return Projection(in_channels, out_channels, stride)
@@ -244,8 +238,6 @@ class DenseBlock(Block):
         self.bn1 = nn.BatchNorm1d(width)
         self.fc2 = nn.Linear(width, width, bias=False)
         self.bn2 = nn.BatchNorm1d(width)
-        if shortcut is not None:
-            _check_choice("model.shortcut", shortcut, SHORTCUTS)
         self.shortcut = None if shortcut is None else DenseProjection(width) if shortcut == "C" else nn.Identity()
         self.residual_scale = float(residual_scale)
         self.preactivation = preactivation
@@ -285,7 +277,6 @@ class CifarNet(nn.Module):
     def __init__(self, depth: int, shortcut: str | None = "A", num_classes: int = 10, *,
                  block: str = "basic", residual_scale: float = 1.0):
         super().__init__()
-        _check_choice("model.block", block, BLOCKS)
         n = blocks_per_stage(depth)
         self.depth = depth
         self.preactivation = block == "preact"
@@ -340,10 +331,7 @@ class MlpNet(nn.Module):
     def __init__(self, depth: int, shortcut: str | None = "A", num_classes: int = 10, *,
                  block: str = "basic", residual_scale: float = 1.0, width: int = 256):
         super().__init__()
-        _check_choice("model.block", block, BLOCKS)
-        check_mlp_depth(depth)
-        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-            raise UsageError(f"model.width must be a positive integer; got {width!r}")
+        assert depth >= MLP_MIN_DEPTH and width >= 1, (depth, width)
         self.depth = depth
         self.width = width
         self.preactivation = block == "preact"
@@ -394,10 +382,6 @@ def build_model(arch: str, depth: int, shortcut: str = "A", num_classes: int = 1
     """The network a config asks for: ``arch`` is ``plain`` or ``resnet``; the keywords are the
     ``model.*`` options (``shortcut`` and ``residual_scale`` apply to residual nets only,
     ``width`` to ``family="mlp"`` only)."""
-    _check_choice("arch", arch, ARCHS)
-    _check_choice("model.family", family, FAMILIES)
-    if arch == "resnet":
-        _check_choice("model.shortcut", shortcut, SHORTCUTS)
     shortcut = shortcut if arch == "resnet" else None
     if family == "mlp":
         return MlpNet(depth, shortcut, num_classes, block=block, residual_scale=residual_scale, width=width)
@@ -447,35 +431,24 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def forward_macs(model: nn.Module, image_shape: tuple[int, ...] = (3, 32, 32)) -> int:
-    """Multiply-adds of one image's forward pass through the convolutions and dense layers.
+    """Multiply-adds of one image's forward pass: the FLOPs torch's ``FlopCounterMode`` counts, halved.
 
-    Each layer contributes (output elements) x (inputs each one sums over), read from the
-    module's shapes during one forward pass; normalisation, activations and additions are
-    left out, as in the usual FLOP counts.
+    It counts the convolutions and matrix products (2 FLOPs per multiply-add, biases left out);
+    normalisation, activations, pooling, the additions and option A's zero-padding shortcut
+    count nothing, as in the usual FLOP counts of these nets.
     """
-    total = 0
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def count(module: nn.Module, inputs, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            height, width = module.kernel_size
-            total += output.numel() * (module.in_channels // module.groups) * height * width
-        else:
-            total += output.numel() * module.in_features
-
-    hooks = [module.register_forward_hook(count) for module in model.modules()
-             if isinstance(module, (nn.Conv2d, nn.Linear))]
+    parameter = next(model.parameters())
+    image = torch.zeros(1, *image_shape, device=parameter.device, dtype=parameter.dtype)
     was_training = model.training
     model.eval()  # a forward in training mode would update the BN statistics
     try:
-        with torch.no_grad():
-            parameter = next(model.parameters())
-            model(torch.zeros(1, *image_shape, device=parameter.device, dtype=parameter.dtype))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(image)
     finally:
-        for hook in hooks:
-            hook.remove()
         model.train(was_training)
-    return total
+    return counter.get_total_flops() // 2
 
 
 def build_model_for(cfg, num_classes: int = 10) -> nn.Module:

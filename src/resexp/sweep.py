@@ -116,13 +116,14 @@ def expand_grid(default_params: dict, arguments: list[str], exclude: list[dict])
 def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[str]], DictConfig],
               sweep_dir: Path | None = None):
     """Check every job's config and name its run folder; one error lists every bad value.
-    Each planned job: its run folder name, overrides, cost (what is left to train) and composed config.
+    Each planned job: its run folder name, overrides, cost (what is left to train), composed config
+    and, for a run with nothing left to train, its result (``train.finished_result``).
 
     With ``sweep_dir``, a run folder that already holds a run of another config (or one that another
     process is training) is refused here too, before anything is written into it.
     """
     from .estimate import run_cost
-    from .train import check_resumable
+    from .train import check_resumable, finished_result
 
     found: list[str] = []
     planned = []
@@ -142,16 +143,19 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
         if problems:
             continue
         run = config_module.run_name(cfg)
-        if sweep_dir is not None and (sweep_dir / run).is_dir():
+        run_dir = sweep_dir / run if sweep_dir is not None else None
+        finished = None
+        if run_dir is not None and run_dir.is_dir():
             try:
-                check_resumable(cfg, sweep_dir / run)
+                finished = finished_result(cfg, run_dir, check_resumable(cfg, run_dir))
             except UsageError as error:
                 found.append(str(error))
                 continue
-        # What is left to train, for the cost line before the sweep and the ETA during it; the
-        # composed config goes along so that nothing composes this job again before it is launched.
-        planned.append({"run": run, "overrides": overrides,
-                        "cost": run_cost(cfg, sweep_dir / run if sweep_dir is not None else None), "config": cfg})
+        # What is left to train, for the cost line before the sweep and the ETA during it. The
+        # composed config and the finished run's result go along for the sweeper (not into sweep.json).
+        # The folder's name goes to the job as it is: nothing names a run folder twice.
+        planned.append({"run": run, "overrides": [*overrides, f"hydra.sweep.subdir='{run}'"], "cost": 0.0 if finished else run_cost(cfg, run_dir),
+                        "config": cfg, "finished": finished})
     if found:
         unique = list(dict.fromkeys(found))
         raise UsageError(f"the sweep has {len(unique)} problem(s), nothing was run: " + "; ".join(unique))

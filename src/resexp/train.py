@@ -513,7 +513,15 @@ def evaluate(model, images, labels, mean, batch_size: int, amp) -> tuple[float, 
 # --- the run folder -----------------------------------------------------------------------------
 
 def environment(device: torch.device) -> dict:
-    """What a reader needs to trust or reproduce a run: code version, software, hardware."""
+    """What a reader needs to trust or reproduce a run or a benchmark: code version, software, hardware.
+
+    The one record of where something ran: each run's env.json, and the ``environment`` of
+    ``resexp bench``'s records (which adds the GPU's peak and the load average).
+    """
+    import torchvision
+
+    from .bench import cpu_model
+
     source = Path(__file__).resolve().parent
 
     def git(*args) -> str | None:
@@ -532,9 +540,14 @@ def environment(device: torch.device) -> dict:
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
         "cpu_threads": torch.get_num_threads(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
@@ -641,6 +654,17 @@ def check_resumable(cfg: DictConfig, run_dir: Path, config: dict | None = None) 
         raise UsageError(f"run folder {run_dir} holds a run with another config ({'; '.join(differences[:3])}); "
                          "choose another name=..., or resume=false to start it over")
     return checkpoint
+
+
+def finished_result(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict | None:
+    """The result of a run that has nothing left to train, or None: done or diverged (it would
+    diverge again), with its checkpoint (from ``check_resumable``) at the same iteration.
+    ``resume=false`` trains every run again. The one rule: sweeps ask it before submitting a job."""
+    previous = existing_result(run_dir) if cfg.resume else None
+    if previous and previous.get("status") in ("done", "diverged") and \
+            (checkpoint is None or previous.get("iterations_done") == checkpoint["iteration"]):
+        return previous
+    return None
 
 
 def existing_result(run_dir: Path) -> dict | None:
@@ -757,11 +781,10 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
     # What the folder holds: a finished run is skipped; a checkpoint resumes only under the same config.
     if not cfg.resume:
         start_over(run_dir)
-    previous = existing_result(run_dir)
     checkpoint = check_resumable(cfg, run_dir, config)
-    if previous and previous.get("status") in ("done", "diverged") and \
-            (checkpoint is None or previous.get("iterations_done") == checkpoint["iteration"]):
-        return {**previous, "outcome": "skipped"}  # a diverged run would diverge again
+    finished = finished_result(cfg, run_dir, checkpoint)
+    if finished is not None:
+        return {**finished, "outcome": "skipped"}
 
     # Set-up: device, data, model, optimizer.
     device = resolve_device(cfg.device)

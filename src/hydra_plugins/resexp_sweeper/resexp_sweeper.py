@@ -1,52 +1,64 @@
-"""resexp's Hydra sweeper: Hydra's basic grid sweeper with resexp's rules (see resexp.sweep).
+"""resexp's Hydra sweeper: the grid of a sweep with resexp's rules (see resexp.sweep).
 
 Hydra finds sweepers only under the ``hydra_plugins`` package; the logic lives in
 ``resexp.sweep``, imported when a sweep starts so that Hydra's plugin scan stays cheap.
 
-With Hydra's submitit launcher (``launcher=slurm`` or ``launcher=submitit_local``) the
-sweeper submits the jobs itself, with the launcher's settings and the launcher as each
-job's callable, exactly as the launcher's own ``launch`` does. Two things differ:
-``launcher.wait=false`` returns once the jobs are submitted (Hydra's launcher interface
-has no way to say "submitted, not finished"), and a job that ends without a result
-(cancelled, killed, out of requeues) is recorded as a failed run instead of stopping
-the collection of the others' results.
+The sweeper plans the jobs (``resexp.sweep.plan_jobs``: every config composed and checked,
+each run folder named, finished runs found) and hands them to one of three executors:
 
-With ``gpus=...`` (``sweep.gpus``) and the local launcher, the jobs go to ``resexp.slots``
-instead, which runs several at once on this machine, one process and one GPU each.
+- Hydra's launcher (``launcher=local``, the default): ``launch``, one run after another here.
+- ``resexp.slots`` (``gpus=...``, i.e. ``sweep.gpus``): several at once on this machine, one
+  process and one GPU each.
+- submitit (``launcher=slurm`` or ``launcher=submitit_local``): the jobs are submitted as one
+  array with the launcher's settings and the launcher as each job's callable, as the launcher's
+  own ``launch`` does (``submit_to_submitit``). Two things differ, which its ``launch`` cannot
+  do: finished runs are not submitted, and ``launcher.wait=false`` returns once the jobs are
+  queued. A job that ends without a result (cancelled, killed, out of requeues) is recorded as
+  a failed run instead of stopping the collection of the others' results.
 """
 
 import contextlib
 import io
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, List
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf, open_dict
 
 
-class ResexpSweeper(BasicSweeper):
-    def __init__(self, max_batch_size=None, params=None, exclude=None) -> None:
-        super().__init__(max_batch_size=max_batch_size, params=params)
+class ResexpSweeper(Sweeper):
+    def __init__(self, params=None, exclude=None) -> None:
+        self.params = dict(params or {})
         self.exclude = [dict(rule) for rule in (exclude or [])]
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
         from resexp import sweep as resexp_sweep
         from resexp.errors import UsageError, exit_with
 
-        loader = self.hydra_context.config_loader
+        sweep_dir = Path(self.config.hydra.sweep.dir)
         try:
-            jobs, swept = resexp_sweep.expand_grid(dict(self.params or {}), arguments, self.exclude)
-            planned = resexp_sweep.plan_jobs(jobs, swept, self.job_config, Path(self.config.hydra.sweep.dir))
+            jobs, swept = resexp_sweep.expand_grid(self.params, arguments, self.exclude)
+            planned = resexp_sweep.plan_jobs(jobs, swept, self.job_config, sweep_dir)
         except UsageError as error:
             exit_with(error)
-        configs = [job.pop("config") for job in planned]  # composed once, in plan_jobs; sweep.json keeps the rest
+        # Composed once, in plan_jobs, with what is finished; sweep.json keeps the rest.
+        configs = [job.pop("config") for job in planned]
+        finished = {number: result for number, job in enumerate(planned) if (result := job.pop("finished"))}
+        cluster = submitit_cluster(self.config)
 
-        sweep_dir = Path(self.config.hydra.sweep.dir)
         print(f"sweep folder: {sweep_dir} ({len(planned)} runs)", file=sys.stderr, flush=True)
-        if not is_submitit_launcher(self.launcher):  # the runs train here: say what they will cost
+        if cluster is None:  # the runs train here: say what they will cost
             from resexp.estimate import cost_line
 
             left = [number for number, job in enumerate(planned) if job["cost"] > 0]
@@ -58,15 +70,15 @@ class ResexpSweeper(BasicSweeper):
         previous_record = resexp_sweep.read_sweep_record(sweep_dir) if sweep_dir.exists() else None
         new_folder = not sweep_dir.exists()
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:  # as Hydra's launchers honour hydra.sweep.mode
+            os.chmod(sweep_dir, int(str(self.config.hydra.sweep.mode), 8))
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         record = {"name": sweep_dir.name, "arguments": list(arguments), "swept": swept, "runs": planned}
         resexp_sweep.write_sweep_record(sweep_dir, record)
         job_overrides = [job["overrides"] for job in planned]
 
-        if is_submitit_launcher(self.launcher):
+        if cluster is not None:
             # A finished run would only cost a queue wait (and a GPU) to be skipped in its job.
-            finished = {number: result for number, job in enumerate(planned)
-                        if (result := finished_result(sweep_dir / job["run"], configs[number]))}
             to_submit = [number for number in range(len(planned)) if number not in finished]
             submitted = {}
             if to_submit:
@@ -75,7 +87,7 @@ class ResexpSweeper(BasicSweeper):
                 try:
                     with contextlib.redirect_stderr(complaint):
                         # One job array (launcher.array_parallelism caps how many run at once).
-                        jobs = submit_to_submitit(self.launcher, [job_overrides[n] for n in to_submit])
+                        jobs = submit_to_submitit(self.launcher, cluster, [job_overrides[n] for n in to_submit])
                 except Exception as error:  # sbatch refused the jobs: nothing was submitted
                     forget_sweep(sweep_dir, new_folder, previous_record)
                     exit_with(UsageError(f"the cluster refused the jobs: {refusal_line(error)}"))
@@ -85,18 +97,18 @@ class ResexpSweeper(BasicSweeper):
                 print(f"all {len(planned)} runs are finished; no job submitted", file=sys.stderr, flush=True)
             record["runs"] = [{**job, "job_id": str(submitted[n].job_id)} if n in submitted else job
                               for n, job in enumerate(planned)]
-            if submitted and not OmegaConf.select(self.config, "launcher.wait", default=True):
+            if submitted and not self.config.launcher.wait:
                 record = {**record, "runs": [{**job, "outcome": "submitted"} if n in submitted
                                              else {**job, "outcome": "skipped", "result": finished[n]}
                                              for n, job in enumerate(record["runs"])]}
                 resexp_sweep.write_sweep_record(sweep_dir, record)
-                print_submitted(sweep_dir, [record["runs"][n] for n in submitted], self.launcher)
+                print_submitted(sweep_dir, [record["runs"][n] for n in submitted], cluster)
                 return [[]]
             resexp_sweep.write_sweep_record(sweep_dir, record)
             try:
-                ended = wait_for_jobs(list(submitted.values()), self.launcher._EXECUTOR)
+                ended = wait_for_jobs(list(submitted.values()), cluster)
             except KeyboardInterrupt:
-                if self.launcher._EXECUTOR == "slurm":  # local jobs got the Ctrl-C too; cluster jobs did not
+                if cluster == "slurm":  # local jobs got the Ctrl-C too; cluster jobs did not
                     first = next(iter(submitted.values()))
                     print(f"stopped waiting; the SLURM jobs keep running (scancel {first.job_id.split('_')[0]} "
                           f"stops them); resexp status {sweep_dir} shows them", file=sys.stderr)
@@ -109,11 +121,10 @@ class ResexpSweeper(BasicSweeper):
             from resexp import slots
 
             results = slots.run_in_slots(planned, sweep_dir, list(self.config.sweep.gpus),
-                                         self.config.sweep.runs_per_gpu, extra_overrides=config_dirs(loader))
+                                         self.config.sweep.runs_per_gpu,
+                                         extra_overrides=config_dirs(self.hydra_context.config_loader))
         else:
-            results = []
-            for batch in self.split_overrides_to_chunks(job_overrides, self.max_batch_size):
-                results += self.launcher.launch(batch, initial_job_idx=len(results))
+            results = self.launcher.launch(job_overrides, initial_job_idx=0)
         resexp_sweep.write_sweep_record(sweep_dir, resexp_sweep.finished_record(sweep_dir, record, results))
         return [results]
 
@@ -125,6 +136,12 @@ class ResexpSweeper(BasicSweeper):
         return cfg
 
 
+def submitit_cluster(config) -> str | None:
+    """submitit's name of the cluster the sweep's jobs go to (``slurm`` or ``local``); None for Hydra's
+    basic launcher."""
+    return {"slurm": "slurm", "submitit_local": "local"}.get(config.launcher.name)
+
+
 def config_dirs(loader) -> List[str]:
     """``--config-dir`` folders, as an override for job processes that compose their config themselves."""
     folders = [source.full_path() for source in loader.get_sources() if source.provider == "command-line"]
@@ -133,15 +150,7 @@ def config_dirs(loader) -> List[str]:
 
 # --- Hydra's submitit launcher ------------------------------------------------------------------
 
-def is_submitit_launcher(launcher) -> bool:
-    try:
-        from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-    except ImportError:
-        return False
-    return isinstance(launcher, BaseSubmititLauncher)
-
-
-def submit_to_submitit(launcher, job_overrides: List[List[str]]) -> list:
+def submit_to_submitit(launcher, cluster: str, job_overrides: List[List[str]]) -> list:
     """Submit every job as one array, as ``BaseSubmititLauncher.launch`` does, without waiting.
 
     The launcher itself is each job's callable: in the job it composes the config and runs
@@ -152,7 +161,6 @@ def submit_to_submitit(launcher, job_overrides: List[List[str]]) -> list:
     from hydra.core.singleton import Singleton
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
-    cluster = launcher._EXECUTOR  # "slurm" or "local"
     params = dict(launcher.params)
     if not params.get("gpus_per_node"):
         # submitit would still write --gpus-per-node=0, which a cluster without GPUs refuses.
@@ -245,23 +253,6 @@ def job_result(submitted_job, run_dir: Path, ended: bool = True):
     return returned({**run_record, "error": message, "outcome": "failed"})
 
 
-def finished_result(run_dir: Path, cfg) -> dict | None:
-    """The result of a run that has nothing left to train with this config (done or diverged), or None."""
-    import yaml
-    from resexp.config import config_differences
-    from resexp.files import CONFIG, RESULT, read_json
-
-    try:
-        result = read_json(run_dir / RESULT)
-        saved = yaml.safe_load((run_dir / CONFIG).read_text())
-        current = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001  (absent, torn or unresolvable: the job itself decides)
-        return None
-    if result.get("status") not in ("done", "diverged") or config_differences(saved, current):
-        return None
-    return result
-
-
 def refusal_line(error: Exception) -> str:
     """sbatch's own reason for refusing a submission, from submitit's error."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -284,8 +275,8 @@ def forget_sweep(sweep_dir: Path, new_folder: bool, previous_record: dict | None
         (sweep_dir / SWEEP_RECORD).unlink(missing_ok=True)
 
 
-def print_submitted(sweep_dir: Path, runs: list, launcher) -> None:
-    print(f"submitted {len(runs)} job(s) ({launcher._EXECUTOR}), logs in {sweep_dir / '.submitit'}:")
+def print_submitted(sweep_dir: Path, runs: list, cluster: str) -> None:
+    print(f"submitted {len(runs)} job(s) ({cluster}), logs in {sweep_dir / '.submitit'}:")
     for job in runs:
         print(f"  {job['job_id']:<12} {job['run']}")
     print(f"progress: resexp status {sweep_dir}    figures once they are done: resexp plot {sweep_dir}")
