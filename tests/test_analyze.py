@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import pickle
+import re
 
 import matplotlib
 
@@ -296,12 +297,12 @@ def test_identity_ratios_for_residual_nets_only(sweep_folder):
 def test_analyze_samples_the_test_set_by_default(tmp_path):
     assert parse_analyze_args([str(tmp_path)]) == (["responses", "lesion", "gradients", "identity"], tmp_path,
                                                    DEFAULT_MAX_IMAGES)
-    assert parse_analyze_args(["lesion", str(tmp_path), "--max-images", "all"])[2] is None
-    assert parse_analyze_args(["lesion", str(tmp_path), "--max-images=50"])[2] == 50
+    assert parse_analyze_args(["lesion", str(tmp_path), "max_images=all"])[2] is None
+    assert parse_analyze_args(["lesion", str(tmp_path), "max_images=50"])[2] == 50
 
 
 def test_analyze_command(sweep_folder, tmp_path, capsys):
-    assert analyze_command(["all", str(sweep_folder), "--max-images", "30"]) == 0
+    assert analyze_command(["all", str(sweep_folder), "max_images=30"]) == 0
     out = capsys.readouterr()
     for analysis in ("gradients", "responses", "lesion", "identity"):
         assert f"{analysis}: wrote" in out.out, out.out
@@ -310,8 +311,13 @@ def test_analyze_command(sweep_folder, tmp_path, capsys):
     for args, message in [
         (["lesion", str(tmp_path / "missing")], "does not exist"),
         (["wiggle", str(sweep_folder)], "unknown analysis 'wiggle'"),
-        (["lesion", str(sweep_folder), "--max-images", "0"], "--max-images must be a positive whole number"),
+        (["lesion", str(sweep_folder), "max_images=0"], "max_images must be a positive whole number or all; got '0'"),
         (["lesion", str(sweep_folder), "--fast"], "unknown option --fast"),
+        # The spelling of other tools: the message gives resexp's.
+        (["lesion", str(sweep_folder), "--max-images", "30"], re.escape("unknown option --max-images; resexp analyze "
+                                                                       "takes max_images=N|all")),
+        (["lesion", str(sweep_folder), "max_imgs=30"], re.escape("unknown option max_imgs=30; resexp analyze "
+                                                                "takes max_images=N|all")),
         (["lesion", str(tmp_path)], "no runs in"),
         ([], "usage: resexp analyze"),
     ]:
@@ -321,5 +327,5 @@ def test_analyze_command(sweep_folder, tmp_path, capsys):
 
 def test_analysing_an_unfinished_run_says_so(tmp_path, capsys):
     train(config_module.compose([*TINY_RUN, "arch=resnet"]), tmp_path / "resnet-8-s0", stop_after=4)
-    assert analyze_command(["identity", str(tmp_path), "--max-images", "20"]) == 0
+    assert analyze_command(["identity", str(tmp_path), "max_images=20"]) == 0
     assert "resnet-8-s0 is not finished: analysing its checkpoint at iteration 4 of 16" in capsys.readouterr().err

@@ -475,6 +475,18 @@ def test_plot_help_says_what_it_draws_with_examples(main):
     assert len(re.findall(r"^  resexp plot \S", out, re.MULTILINE)) == 2, out
 
 
+@pytest.mark.parametrize("command", ["status", "analyze"])
+def test_the_other_folder_commands_help_shows_examples(main, command):
+    """Like plot's: a usage line, then examples of a sweep folder and, for status, of one run's."""
+    code, out, err, _ = main(command, "--help")
+    assert code == 0, err
+    assert out.startswith(f"usage: resexp {command} "), out
+    examples = re.findall(rf"^  resexp {command} (.*\S)", out.split("examples:")[1], re.MULTILINE)
+    assert len(examples) == 2, out
+    if command == "status":
+        assert examples[1].split()[0] == "outputs/depth20-56-110/resnet-20-s0", examples
+
+
 def test_train_cfg_job_prints_the_config_and_trains_nothing(main):
     """``resexp train --cfg job`` prints the composed YAML (paper defaults), resolved, and creates no folder."""
     code, out, err, left = main("train", "--cfg", "job", "depth=56")

@@ -117,6 +117,8 @@ def test_folders_without_a_plan_are_listed_from_disk(tmp_path):
     (["does-not-exist"], "folder does-not-exist does not exist"),
     ([], "takes one folder"),
     (["a", "b"], "takes one folder"),
+    (["--all"], "unknown option --all; resexp status takes no options"),
+    (["depth=20"], "unknown option depth=20; resexp status takes no options"),
 ])
 def test_bad_arguments_are_one_line_usage_errors(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

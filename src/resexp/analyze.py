@@ -46,7 +46,7 @@ from torch import nn
 
 from .data import load_data, normalize, pixel_mean, stratified_indices
 from .errors import UsageError
-from .files import CHECKPOINT, atomic_write, atomic_write_text
+from .files import CHECKPOINT, atomic_write, atomic_write_text, existing_folder, parse_folder_args
 # gradient_norms lives beside the nets so that the trainer can log it without importing this module.
 from .models import ARCHS, Block, blocks, build_model_for, gradient_norms, response_modules  # noqa: F401
 from .plots import (DEPTH_PALETTE, DPI, FIGURE_STYLE, RunRecord, family_of, fit_titles, load_runs, net_prefix,
@@ -63,7 +63,7 @@ LINE_STYLES = ("-", "--", ":", "-.")  # runs of one depth in one panel (seeds, v
 DEFAULT_MAX_IMAGES = 1000
 
 USAGE = """\
-usage: resexp analyze [responses|lesion|gradients|identity|all] DIR [--max-images N|all]
+usage: resexp analyze [responses|lesion|gradients|identity|all] DIR [max_images=N|all]
 
 Measure what happens inside the trained nets of a sweep (or run) folder DIR and write
 figures (PNG) and a CSV per analysis into DIR:
@@ -74,13 +74,14 @@ figures (PNG) and a CSV per analysis into DIR:
   identity    ||F(x)|| / ||x|| of each residual branch on the test set
   all         every analysis that applies (the default when only DIR is given)
 
---max-images N   measure on N test images, a stratified sample that is the same for every
-                 run (default: {default}, about a minute per 20-layer net on a CPU)
---max-images all measure on the whole test set (on a CPU, a quarter of an hour and more per net)
+options:
+  max_images=N    measure on N test images, a stratified sample that is the same for every
+                  run (default: {default}, about a minute per 20-layer net on a CPU)
+  max_images=all  measure on the whole test set (on a CPU, a quarter of an hour and more per net)
 
 examples:
-  resexp analyze outputs/depth20-56-110                   every analysis, on {default} test images
-  resexp analyze lesion outputs/depth20-56-110 --max-images all
+  resexp analyze outputs/depth20-56-110                        every analysis, on {default} test images
+  resexp analyze lesion outputs/depth20-56-110 max_images=all   the lesion study, on every test image
 """.format(default=DEFAULT_MAX_IMAGES)
 
 
@@ -106,9 +107,7 @@ class TrainedNet:
 
 def trained_runs(folder: str | os.PathLike) -> list[RunRecord]:
     """The runs under ``folder`` that have a checkpoint to analyse (diverged runs are left out)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UsageError(f"folder {folder} does not exist")
+    folder = existing_folder(folder)
     runs = [run for run in load_runs(folder)
             if (run.path / CHECKPOINT).is_file() and run.status != "diverged"]
     if not runs:
@@ -168,7 +167,7 @@ class NetLoader:
             if self.max_images is not None and self.max_images < len(labels):
                 chosen = stratified_indices(labels, self.max_images, seed=0)
                 _say_once(f"measuring on {self.max_images:,} of the {len(labels):,} {data.eval_set} images "
-                     "(a stratified sample, the same for every run; --max-images all for every image)")
+                     "(a stratified sample, the same for every run; max_images=all for every image)")
                 images, labels = images[chosen], labels[chosen]
             self._data[key] = (images.to(self.device), labels.to(self.device),
                                pixel_mean(data.train_images).to(self.device), data.classes, data.eval_set)
@@ -561,9 +560,7 @@ def gradient_history(run: RunRecord) -> dict | None:
 def analyze_gradients(folder: str | os.PathLike) -> dict:
     """Figures from the gradient norms logged during training: by layer at a few iterations,
     a layer-by-iteration heatmap, and the first-to-last-layer ratio over training."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UsageError(f"folder {folder} does not exist")
+    folder = existing_folder(folder)
     measured = [history for run in load_runs(folder) if (history := gradient_history(run)) is not None]
     if not measured:
         raise NotApplicable(f"no run in {folder} logged gradient norms (grad_norms in metrics.jsonl)")
@@ -791,47 +788,32 @@ def _say_once(message: str) -> None:
 # --- the command --------------------------------------------------------------------------------
 
 def parse_analyze_args(args: list[str]) -> tuple[list[str], Path, int | None]:
-    """``[ANALYSIS] DIR [--max-images N|all]`` -> (analyses to run, folder, max images; None for all)."""
-    positional, max_images = [], DEFAULT_MAX_IMAGES
-    index = 0
-    while index < len(args):
-        arg = args[index]
-        if arg == "--max-images" or arg.startswith("--max-images="):
-            if "=" in arg:
-                value = arg.split("=", 1)[1]
-            elif index + 1 < len(args):
-                index += 1
-                value = args[index]
-            else:
-                raise UsageError("--max-images needs a number or all, e.g. --max-images 1000")
-            if value == "all":
-                max_images = None
-            elif not value.isdigit() or int(value) < 1:
-                raise UsageError(f"--max-images must be a positive whole number or all; got {value!r}")
-            else:
-                max_images = int(value)
-        elif arg.startswith("-"):
-            raise UsageError(f"unknown option {arg}; resexp analyze takes only --max-images N|all")
-        else:
-            positional.append(arg)
-        index += 1
-    if len(positional) == 1:
-        positional = ["all", *positional]
-    if len(positional) != 2:
-        raise UsageError("usage: resexp analyze [responses|lesion|gradients|identity|all] DIR [--max-images N|all]")
-    analysis, folder = positional
+    """``[ANALYSIS] DIR [max_images=N|all]`` -> (analyses to run, folder, max images; None for all)."""
+    given = parse_folder_args("analyze", USAGE.splitlines()[0], args, options={"max_images": "N|all"},
+                              max_words=1)
+    analysis = given.words[0] if given.words else "all"
     if analysis not in (*ANALYSES, "all"):
         raise UsageError(f"unknown analysis {analysis!r}; choose one of {', '.join(ANALYSES)}, all")
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UsageError(f"folder {folder} does not exist")
-    return (list(ANALYSES) if analysis == "all" else [analysis]), folder, max_images
+    analyses = list(ANALYSES) if analysis == "all" else [analysis]
+    return analyses, given.folder, max_images_option(given.options.get("max_images"))
+
+
+def max_images_option(value: str | None) -> int | None:
+    """``max_images`` as typed -> how many test images to measure on; None: all of them."""
+    if value is None:
+        return DEFAULT_MAX_IMAGES
+    if value == "all":
+        return None
+    # isdecimal, not isdigit: int() reads every decimal digit, but not a superscript '²'
+    if not value.isdecimal() or int(value) < 1:
+        raise UsageError(f"max_images must be a positive whole number or all; got {value!r}")
+    return int(value)
 
 
 def analyze_command(args: list[str]) -> int:
     """``resexp analyze``: run the chosen analyses on a sweep or run folder; print what it wrote."""
     if any(arg in ("-h", "--help") for arg in args):
-        print(USAGE)
+        print(USAGE, end="")
         return 0
     analyses, folder, max_images = parse_analyze_args(args)
     if analyses != ["gradients"]:

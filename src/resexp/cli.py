@@ -370,16 +370,13 @@ def draw_figures(folder: Path) -> None:
 
 
 def plot_command(args: list[str]) -> int:
+    from .files import parse_folder_args
     from .plots import render_all
 
-    if len(args) != 1 or args[0].startswith("-"):
-        if args and args[0] in ("-h", "--help"):
-            print(PLOT_HELP, end="")
-            return 0
-        raise UsageError(f"resexp plot takes one folder (a sweep's or a run's); got {' '.join(args) or 'nothing'}")
-    folder = Path(args[0])
-    if not folder.is_dir():
-        raise UsageError(f"folder {folder} does not exist")
+    if any(arg in ("-h", "--help") for arg in args):
+        print(PLOT_HELP, end="")
+        return 0
+    folder = parse_folder_args("plot", PLOT_HELP.splitlines()[0], args).folder
     try:
         drawn = render_all(folder)
     except OSError as error:

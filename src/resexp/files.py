@@ -4,6 +4,9 @@ Every file that a later command relies on (checkpoints, result.json, summaries,
 dataset caches) is written to a temporary file in the same folder, flushed to
 disk and renamed over the target, so a crash leaves either the old or the new
 file, never half of one.
+
+Also the arguments of the commands that read a sweep or run folder (``resexp plot``,
+``status``, ``analyze``): ``parse_folder_args`` checks them alike for all three.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from .errors import UsageError
 
 # The files of a run folder (see resexp.train) and of a sweep folder.
 CONFIG = "config.yaml"  # the resolved config
@@ -164,3 +170,54 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             if number == len(lines):  # a write cut short by a crash: drop it
                 return
             raise ValueError(f"{path}: line {number} is not valid JSON")
+
+
+# --- the arguments of the commands that read a folder: resexp plot, status, analyze --------------
+
+@dataclass
+class FolderArgs:
+    """What a folder-reading command was given: ``[WORD] DIR [key=value ...]``."""
+
+    folder: Path  # an existing folder
+    words: list[str]  # what came before the folder (the analysis of resexp analyze)
+    options: dict[str, str]  # key=value options as typed; the command checks the values
+
+
+def existing_folder(path: str | os.PathLike) -> Path:
+    """``path`` if it is a folder; else a one-line UsageError that names it."""
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise UsageError(f"{folder} is a file, not a folder: give a sweep's or a run's folder")
+    raise UsageError(f"folder {folder} does not exist")
+
+
+def parse_folder_args(command: str, usage: str, args: list[str], options: dict[str, str] | None = None,
+                      max_words: int = 0) -> FolderArgs:
+    """The arguments of ``resexp COMMAND``: one folder (the last word), up to ``max_words`` words
+    before it, and ``key=value`` options, as everywhere else in resexp.
+
+    ``options`` maps each key the command takes to its values in words (``{"max_images": "N|all"}``);
+    ``usage`` is the command's usage line, quoted when the words do not fit. Every mistake is
+    one UsageError line.
+    """
+    options = options or {}
+    takes = ", ".join(f"{key}={values}" for key, values in options.items()) or "no options"
+    words, given = [], {}
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        if arg.startswith("-"):
+            raise UsageError(f"unknown option {arg}; resexp {command} takes {takes}")
+        if equals and key in options:
+            if key in given:
+                raise UsageError(f"{key} is given twice ({key}={given[key]} and {arg}); give it once")
+            given[key] = value
+        elif equals and not Path(arg).exists():  # a folder's name may hold an '=', an option's may not
+            raise UsageError(f"unknown option {arg}; resexp {command} takes {takes}")
+        else:
+            words.append(arg)
+    if not 1 <= len(words) <= max_words + 1:
+        raise UsageError(f"resexp {command} takes one folder (a sweep's or a run's); "
+                         f"got {' '.join(words) or 'no folder'}; {usage}")
+    return FolderArgs(existing_folder(words[-1]), words[:-1], given)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .files import CONFIG, ENV, METRICS, RESULT, RUN_FILES, SWEEP_RECORD, read_json, read_jsonl, read_result
+from .files import (CONFIG, ENV, METRICS, RESULT, RUN_FILES, SWEEP_RECORD, parse_folder_args, read_json, read_jsonl,
+                    read_result)
 
 # A running run counts as stalled once its last metrics line is older than this many
 # evaluation intervals, and never sooner than STALLED_AFTER_MIN_S.
@@ -34,7 +35,12 @@ usage: resexp status DIR
 One line per run of the sweep in DIR (or for the run folder DIR): queued, running (iteration
 and ETA), stalled, done, failed, diverged or interrupted, with the latest training and test
 errors, the host and SLURM job. Only reads files, so it works on a folder that jobs on other
-machines are writing to."""
+machines are writing to. It takes no options.
+
+examples:
+  resexp status outputs/depth20-56-110                  every run of the sweep
+  resexp status outputs/depth20-56-110/resnet-20-s0     one run
+"""
 
 
 @dataclass
@@ -238,15 +244,10 @@ def status_table(folder: Path, runs: list[RunStatus]) -> str:
 
 
 def status_command(args: list[str]) -> int:
-    if args and args[0] in ("-h", "--help"):
-        print(USAGE)
+    if any(arg in ("-h", "--help") for arg in args):
+        print(USAGE, end="")
         return 0
-    if len(args) != 1 or args[0].startswith("-"):
-        raise UsageError(f"resexp status takes one folder (a sweep's or a run's); got {' '.join(args) or 'nothing'}")
-    folder = Path(args[0])
-    if not folder.is_dir():
-        raise UsageError(f"{folder} is a file, not a folder: give a sweep's or a run's folder" if folder.exists()
-                         else f"folder {folder} does not exist")
+    folder = parse_folder_args("status", USAGE.splitlines()[0], args).folder
     runs = sweep_status(folder)
     if not runs:
         raise UsageError(f"{folder} holds no runs (no {SWEEP_RECORD} and no run folders)")
