@@ -7,7 +7,7 @@ import pytest
 from resexp import cli
 from resexp import config as config_module
 from resexp.errors import UsageError
-from resexp.sweep import expand_grid, plan_jobs, sweep_name
+from resexp.sweep import expand_grid, parse_overrides, plan_jobs, sweep_name
 from resexp.train import train
 
 DEFAULTS = {"arch": "plain,resnet"}
@@ -64,8 +64,10 @@ def test_run_folders_are_named_from_config_values():
 def test_names_do_not_depend_on_how_overrides_were_typed():
     first = ["depth=20,56", "schedule=quick", "data.train_size=1000"]
     second = ["data.train_size=1000", "schedule=quick", "depth=20, 56"]
-    assert sweep_name(first) == sweep_name(second) == "train_size1000_depth20-56_quick"
-    assert sweep_name(["depth=8,20", "arch=plain,resnet", "data=imagefolder", "data.root=/data/cifar"]) == \
+    assert sweep_name(parse_overrides(first)) == sweep_name(parse_overrides(second)) == \
+        "train_size1000_depth20-56_quick"
+    assert sweep_name(parse_overrides(["depth=8,20", "arch=plain,resnet", "data=imagefolder",
+                                       "data.root=/data/cifar"])) == \
         "imagefolder_depth8-20"
     names = [[job["run"] for job in plan_jobs(*expand_grid(DEFAULTS, overrides, []), compose)]
              for overrides in (first, second)]

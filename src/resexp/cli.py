@@ -194,13 +194,6 @@ def train_app(cfg: DictConfig) -> None:
     print_result(result, run_dir)
 
 
-def check_device(device: str) -> None:
-    """Stop before anything trains when the device cannot be had (a GPU torch cannot use, say)."""
-    from .train import resolve_device
-
-    resolve_device(device)
-
-
 def remove_if_unused(run_dir: Path) -> None:
     """A run refused before it started leaves no folder behind (Hydra makes it, with .hydra/)."""
     import shutil
@@ -252,11 +245,11 @@ def train_command(args: list[str]) -> int:
                                  f"resexp sweep runs one per value")
         cfg = config_module.compose(overrides + extra_search_path(flags))
         config_module.check(cfg)
-        check_device(cfg.device)
         # Before Hydra writes its records into the run folder: a refused command changes nothing there.
         from .data import fetch_cifar10
-        from .train import check_resumable
+        from .train import check_machine, check_resumable
 
+        check_machine(cfg)
         check_resumable(cfg, Path(cfg.out) / cfg.name)
         fetch_cifar10(cfg.data.name, cfg.data.root, bool(cfg.data.download))
     run_hydra_app(train_app, args)
@@ -293,36 +286,29 @@ def register_sweeper() -> None:
 
 def sweep_command(args: list[str]) -> int:
     from . import sweep as sweep_module
-    from .slots import split_slot_options
+    from .slots import slot_overrides
     from .signals import RunInterrupted
 
     flags, overrides = split_flags(args)
     if asks_for_help(flags):
         print(help_page("sweep"))
         return 0
-    flags = hydra_flags(flags)
-    # gpus=0,1 reads as a Hydra sweep: it becomes fixed sweep.gpus=[...] before anything parses the overrides.
-    overrides, slot_overrides = split_slot_options(overrides)
-    overrides += slot_overrides
-    flags = [flag for flag in flags if flag not in ("-m", "--multirun")]
+    flags = [flag for flag in hydra_flags(flags) if flag not in ("-m", "--multirun")]
+    overrides = slot_overrides(overrides)
+    parsed = sweep_module.parse_overrides(overrides)  # the command line, parsed once here
     if INFO_FLAGS.intersection(flags):
         # Hydra shows --cfg/--info for one job, not a multirun: show the grid's first job.
         first = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
-                 else o.input_line for o in sweep_module.parse_overrides(overrides)]
+                 else o.input_line for o in parsed]
         run_hydra_app(sweep_app, [*flags, *first])
         return 0
-    sweep_module.check_no_duplicates(overrides)
-    fixed = [o.input_line for o in sweep_module.parse_overrides(overrides) if not o.is_sweep_override()]
-    base = config_module.compose(fixed + extra_search_path(flags))
-    named = [o for o in sweep_module.parse_overrides(overrides) if o.get_key_element() == "name"]
-    name = named[0].get_value_element_as_str() if named else sweep_module.sweep_name(overrides)
+    sweep_module.check_no_duplicates(parsed)
+    # The sweep's folder; each job's config is composed and checked by the sweeper (sweep.plan_jobs).
+    base = config_module.compose([o.input_line for o in parsed if not o.is_sweep_override()]
+                                 + extra_search_path(flags))
+    named = [o.get_value_element_as_str() for o in parsed if o.get_key_element() == "name"]
+    name = named[0] if named else sweep_module.sweep_name(parsed)
     sweep_dir = Path(base.out) / name
-    check_device(base.device)
-    if not any(o.get_key_element().startswith("data") for o in sweep_module.parse_overrides(overrides)
-               if o.is_sweep_override()):  # a grid over data sets leaves the data to each run
-        from .data import fetch_cifar10
-
-        fetch_cifar10(base.data.name, base.data.root, bool(base.data.download))
 
     exit_code = 0
     register_sweeper()

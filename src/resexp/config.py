@@ -314,16 +314,31 @@ def problems(cfg: DictConfig) -> list[str]:
         need(cfg.data.root is not None, "data.root",
              "the folder holding train/<class>/* and test/<class>/* for data=imagefolder (e.g. data.root=data/cifar10-jpeg)")
 
-    # Several runs at once on this machine (resexp sweep gpus=... runs_per_gpu=...).
+    # Several runs at once on this machine: resexp sweep gpus=... runs_per_gpu=... (slots.slot_overrides).
     gpus = OmegaConf.select(cfg, "sweep.gpus", default=None)
-    need(gpus is None or (isinstance(gpus, ListConfig) and len(gpus) > 0 and len(set(gpus)) == len(gpus)
-                          and all(_is_int(gpu) and gpu >= 0 for gpu in gpus)),
-         "sweep.gpus", "null or a list of distinct GPU numbers (gpus=0,1 on the resexp sweep command line)")
     runs_per_gpu = OmegaConf.select(cfg, "sweep.runs_per_gpu", default=1)
-    need(_is_int(runs_per_gpu) and runs_per_gpu > 0, "sweep.runs_per_gpu", "a positive integer")
+    if isinstance(gpus, ListConfig):
+        typed = ",".join(map(str, gpus))  # as on the command line
+        repeated = sorted({gpu for gpu in gpus if list(gpus).count(gpu) > 1}, key=str)
+        if not gpus or not all(_is_int(gpu) and gpu >= 0 for gpu in gpus):
+            found.append(f"gpus must be GPU numbers as CUDA_VISIBLE_DEVICES takes them (e.g. gpus=0,1,2,3), "
+                         f"or all; got {typed!r}")
+        elif repeated:
+            found.append(f"gpus={typed} names GPU {repeated[0]} more than once; name each GPU once, "
+                         f"and runs_per_gpu=N runs N jobs on each")
+    elif gpus not in (None, "all"):
+        found.append(f"gpus must be GPU numbers as CUDA_VISIBLE_DEVICES takes them (e.g. gpus=0,1,2,3), "
+                     f"or all; got {gpus!r}")
+    if not (_is_int(runs_per_gpu) and runs_per_gpu > 0):
+        found.append(f"runs_per_gpu must be a positive integer (how many runs share each GPU at once); "
+                     f"got {runs_per_gpu!r}")
+    elif gpus is None and runs_per_gpu != 1:
+        found.append(f"runs_per_gpu={runs_per_gpu} needs gpus=... (the GPUs to share), "
+                     f"e.g. gpus=0 runs_per_gpu={runs_per_gpu}")
     launcher = OmegaConf.select(cfg, "launcher.name", default="local")
     if gpus is not None and launcher != "local":
-        found.append(f"gpus={','.join(map(str, gpus))} runs several jobs at once on this machine, but "
+        typed = gpus if gpus == "all" else ",".join(map(str, gpus))
+        found.append(f"gpus={typed} runs several jobs at once on this machine, but "
                      f"launcher={launcher} starts each job itself (one GPU per job); drop gpus or use launcher=local")
     return found
 

@@ -40,51 +40,32 @@ POLL_S = 0.2  # how often the scheduler looks for ended jobs and signals to pass
 
 # --- the command-line words ---------------------------------------------------------------------
 
-def split_slot_options(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """Take ``gpus=...`` and ``runs_per_gpu=...`` out of the overrides.
+def slot_overrides(overrides: list[str]) -> list[str]:
+    """``gpus=0,1`` and ``runs_per_gpu=2`` (the words of the README's commands) as the config keys
+    they set, ``sweep.gpus=[0,1]`` and ``sweep.runs_per_gpu=2``.
 
-    ``gpus=0,1`` reads as a Hydra sweep over a key that does not exist, so these words leave
-    before Hydra sees the overrides. Returns the other overrides and, in place of the words,
-    fixed ``sweep.gpus=[...]`` and ``sweep.runs_per_gpu=N`` overrides.
+    Typed as it is, ``gpus=0,1`` would read as a Hydra sweep over two values. Hydra parses the
+    result like any override, and ``config.problems`` checks it.
     """
-    given: dict[str, str] = {}
-    others = []
+    rewritten = []
     for override in overrides:
-        key, _, value = override.partition("=")
-        if key not in SLOT_OPTIONS:
-            others.append(override)
-        elif key in given:
-            raise UsageError(f"{key} is given twice ({key}={given[key]} and {override}); give it once")
+        key, equals, value = override.partition("=")
+        value = value.strip()
+        if key == "gpus" and equals:
+            listed = value in ("all", "null") or value.startswith("[")
+            rewritten.append(f"sweep.gpus={value}" if listed else f"sweep.gpus=[{value}]")
+        elif key == "runs_per_gpu" and equals:
+            rewritten.append(f"sweep.runs_per_gpu={value}")
         else:
-            given[key] = value.strip()
-    if not given:
-        return others, []
-    if "gpus" not in given:
-        raise UsageError(f"runs_per_gpu={given['runs_per_gpu']} needs gpus=... (the GPUs to share), "
-                         f"e.g. gpus=0 runs_per_gpu={given['runs_per_gpu']}")
-    gpus = parse_gpus(given["gpus"])
-    runs_per_gpu = given.get("runs_per_gpu", "1")
-    if not (_is_number_word(runs_per_gpu) and int(runs_per_gpu) > 0):
-        raise UsageError(f"runs_per_gpu must be a positive integer (how many runs share each GPU at once); "
-                         f"got {runs_per_gpu!r}")
-    return others, [f"sweep.gpus=[{','.join(map(str, gpus))}]", f"sweep.runs_per_gpu={int(runs_per_gpu)}"]
+            rewritten.append(override)
+    return rewritten
 
 
-def parse_gpus(text: str) -> list[int]:
-    """``0,1,2,3`` (or ``[0,1,2,3]``): GPU numbers as CUDA_VISIBLE_DEVICES takes them; ``all``: every visible GPU."""
-    if text == "all":
-        return visible_gpus()
-    words = [word.strip() for word in text.strip("[]").split(",")]
-    if not all(_is_number_word(word) for word in words):
-        raise UsageError(f"gpus must be GPU numbers as CUDA_VISIBLE_DEVICES takes them (e.g. gpus=0,1,2,3), "
-                         f"or all; got {text!r}")
-    gpus = [int(word) for word in words]
-    repeated = sorted({gpu for gpu in gpus if gpus.count(gpu) > 1})
-    if repeated:
-        raise UsageError(f"gpus={text} names GPU {repeated[0]} more than once; name each GPU once, "
-                         f"and runs_per_gpu=N runs N jobs on each")
-    check_gpus_exist(gpus)
-    return gpus
+def gpu_numbers(gpus) -> list[int]:
+    """The checked ``sweep.gpus`` as GPU numbers on this machine: ``all`` is every visible GPU."""
+    numbers = visible_gpus() if gpus == "all" else [int(gpu) for gpu in gpus]
+    check_gpus_exist(numbers)
+    return numbers
 
 
 def _is_number_word(word: str) -> bool:

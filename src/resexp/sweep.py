@@ -41,10 +41,10 @@ def parse_overrides(arguments: list[str]):
         raise UsageError(config_module.hydra_error_line(error)) from error
 
 
-def check_no_duplicates(arguments: list[str]) -> None:
+def check_no_duplicates(overrides: list) -> None:
     """Hydra silently keeps the last of ``depth=20 depth=56``; we refuse it."""
     seen: dict[str, str] = {}
-    for override in parse_overrides(arguments):
+    for override in overrides:
         key = override.get_key_element()
         if key in seen:
             raise UsageError(f"{key} is given twice ({seen[key]} and {override.input_line}); "
@@ -52,13 +52,12 @@ def check_no_duplicates(arguments: list[str]) -> None:
         seen[key] = override.input_line
 
 
-def sweep_name(arguments: list[str]) -> str:
-    """A readable folder name made from the overrides: ``depth=20,56 schedule=quick`` -> ``depth20-56_quick``.
-
-    Keys are sorted so that the order the overrides were typed in does not matter.
+def sweep_name(overrides: list) -> str:
+    """A readable folder name made from the (parsed) overrides: ``depth=20,56 schedule=quick`` ->
+    ``depth20-56_quick``. Keys are sorted so that the order the overrides were typed in does not matter.
     """
     parts = []
-    for override in sorted(parse_overrides(arguments), key=lambda o: o.get_key_element()):
+    for override in sorted(overrides, key=lambda o: o.get_key_element()):
         key = override.get_key_element().lstrip("+~")
         # Where and how a sweep runs does not change what it trains, nor its folder.
         if key.split(".")[0] in ("hydra", "launcher", "name", "out", "progress", "resume", "device", "compile",
@@ -82,11 +81,12 @@ def expand_grid(default_params: dict, arguments: list[str], exclude: list[dict])
     grid) apply unless the command line sets the same key. A job matching every key/value
     of an ``exclude`` entry is left out.
     """
-    check_no_duplicates(arguments)
-    given = {o.get_key_element() for o in parse_overrides(arguments)}
-    defaults = [f"{key}={value}" for key, value in default_params.items() if key not in given]
+    given = parse_overrides(arguments)
+    check_no_duplicates(given)
+    given_keys = {o.get_key_element() for o in given}
+    defaults = parse_overrides([f"{key}={value}" for key, value in default_params.items() if key not in given_keys])
     axes = []
-    for override in parse_overrides(defaults + list(arguments)):
+    for override in defaults + given:
         key = override.get_key_element()
         if override.is_sweep_override():
             if not override.is_discrete_sweep():
@@ -123,7 +123,7 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
     process is training) is refused here too, before anything is written into it.
     """
     from .estimate import run_cost
-    from .train import check_resumable, finished_result
+    from .train import check_machine, check_resumable, finished_result
 
     found: list[str] = []
     planned = []
@@ -139,6 +139,11 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
             found.append(config_module.hydra_error_line(error))
             continue
         problems = config_module.problems(cfg)
+        if not problems:
+            try:
+                check_machine(cfg)
+            except UsageError as error:
+                problems = [str(error)]
         found += problems
         if problems:
             continue

@@ -172,6 +172,13 @@ def resolve_cuda_graph(setting, device: torch.device, precision: str) -> bool:
     return bool(setting)
 
 
+def check_machine(cfg: DictConfig) -> None:
+    """What the config needs of this machine (a GPU torch can use for device=cuda, one for fp16 or
+    cuda_graph=true), checked with the config, before anything trains: the run's own one-line error."""
+    device = resolve_device(cfg.device)
+    resolve_cuda_graph(cfg.cuda_graph, device, resolve_precision(cfg.precision, device))
+
+
 def usable_cores() -> int:
     """Cores this process may run on (a cluster job or taskset may allow fewer than exist)."""
     if hasattr(os, "sched_getaffinity"):

@@ -46,14 +46,22 @@ class ResexpSweeper(Sweeper):
         from resexp import sweep as resexp_sweep
         from resexp.errors import UsageError, exit_with
 
+        from resexp import slots
+        from resexp.data import fetch_cifar10
+
+        # Every check before anything is written or trains: each job's config and what it needs of this
+        # machine (plan_jobs), the GPUs of gpus=..., and the data set, fetched once for all runs.
         sweep_dir = Path(self.config.hydra.sweep.dir)
         try:
             jobs, swept = resexp_sweep.expand_grid(self.params, arguments, self.exclude)
             planned = resexp_sweep.plan_jobs(jobs, swept, self.job_config, sweep_dir)
+            gpus = None if self.config.sweep.gpus is None else slots.gpu_numbers(self.config.sweep.gpus)
+            # Composed once, in plan_jobs, with what is finished; sweep.json keeps the rest.
+            configs = [job.pop("config") for job in planned]
+            for data in {(cfg.data.name, cfg.data.root, bool(cfg.data.download)) for cfg in configs}:
+                fetch_cifar10(*data)
         except UsageError as error:
             exit_with(error)
-        # Composed once, in plan_jobs, with what is finished; sweep.json keeps the rest.
-        configs = [job.pop("config") for job in planned]
         finished = {number: result for number, job in enumerate(planned) if (result := job.pop("finished"))}
         cluster = submitit_cluster(self.config)
 
@@ -62,7 +70,6 @@ class ResexpSweeper(Sweeper):
             from resexp.estimate import cost_line
 
             left = [number for number, job in enumerate(planned) if job["cost"] > 0]
-            gpus = self.config.sweep.gpus
             line = cost_line([configs[number] for number in left], [planned[number]["cost"] for number in left],
                              parallel=len(gpus) if gpus else 1)
             if line:
@@ -116,12 +123,9 @@ class ResexpSweeper(Sweeper):
             results = [job_result(submitted[n], sweep_dir / job["run"], ended[submitted[n].job_id])
                        if n in submitted else returned({**finished[n], "outcome": "skipped"})
                        for n, job in enumerate(planned)]
-        elif self.config.sweep.gpus is not None:
+        elif gpus is not None:
             # Several jobs at once on this machine, each in its own process with one GPU (resexp.slots).
-            from resexp import slots
-
-            results = slots.run_in_slots(planned, sweep_dir, list(self.config.sweep.gpus),
-                                         self.config.sweep.runs_per_gpu,
+            results = slots.run_in_slots(planned, sweep_dir, gpus, self.config.sweep.runs_per_gpu,
                                          extra_overrides=config_dirs(self.hydra_context.config_loader))
         else:
             results = self.launcher.launch(job_overrides, initial_job_idx=0)
