@@ -84,32 +84,36 @@ fi
 
 # --- 3. benchmarks --------------------------------------------------------------------------------
 if [ $gpu = 1 ]; then
-  depths="20 56 110"; bench_args="batch_size=128 steps=30 warmup=5 windows=3"; bench_limit=60
+  depths="20 56 110"
+  bench_args="schedule.batch_size=128 bench.steps=30 bench.warmup=5 bench.windows=3"
+  bench_limit=60
 else
-  depths="8"; bench_args="batch_size=32 steps=2 warmup=1 windows=1 data.train_size=256 workers=0"; bench_limit=60
+  depths="8"
+  bench_args="schedule.batch_size=32 bench.steps=2 bench.warmup=1 bench.windows=1 data.train_size=256 bench.workers=0"
+  bench_limit=60
 fi
 for depth in $depths; do
   for mode in eager compiled graphed; do
     case $mode in
-      eager) flags="compile=false cuda_graph=false reference=false" ;;
-      compiled) flags="compile=true cuda_graph=false reference=false" ;;
-      graphed) flags="compile=true cuda_graph=auto reference=true" ;;
+      eager) flags="compile=false cuda_graph=false bench.reference=false" ;;
+      compiled) flags="compile=true cuda_graph=false bench.reference=false" ;;
+      graphed) flags="compile=true cuda_graph=auto bench.reference=true" ;;
     esac
     [ $gpu = 0 ] && [ $mode != eager ] && continue  # compiling on a CPU takes minutes
-    [ $gpu = 0 ] && flags="compile=false cuda_graph=false reference=true"
+    [ $gpu = 0 ] && flags="compile=false cuda_graph=false bench.reference=true"
     limit=$(( $(left) - 200 < bench_limit ? $(left) - 200 : bench_limit ))
     if [ $gpu = 1 ] && [ "$limit" -lt 20 ]; then say "no time left for bench $depth $mode"; continue; fi
     [ $gpu = 0 ] && limit=$bench_limit
     say "bench resnet-$depth $mode"
     # shellcheck disable=SC2086
-    timeout "$limit" "$python" -m resexp bench depth=$depth $bench_args $flags json="$work/bench-$depth-$mode.json" \
+    timeout "$limit" "$python" -m resexp bench depth=$depth $bench_args $flags bench.json="$work/bench-$depth-$mode.json" \
       >>"$log" 2>&1 || say "bench resnet-$depth $mode did not finish (see $log)"
   done
 done
 if [ $gpu = 1 ]; then
   say "bench ResNet-1202 memory"
-  timeout 90 "$python" -m resexp bench measure=memory depth=1202 precision=bf16 compile=false \
-    json="$work/memory-1202.json" >>"$log" 2>&1 || say "ResNet-1202 memory did not finish (see $log)"
+  timeout 90 "$python" -m resexp bench bench.measure=memory depth=1202 precision=bf16 compile=false \
+    bench.json="$work/memory-1202.json" >>"$log" 2>&1 || say "ResNet-1202 memory did not finish (see $log)"
 fi
 
 # --- 4. the Figure-6 sweep ------------------------------------------------------------------------

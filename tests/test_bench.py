@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from resexp.bench import bench_command, parse_arguments, training_tflops
+from resexp.bench import bench_command, bench_config, reference_workers, training_tflops
 from resexp.errors import UsageError
 from resexp.models import build_model, count_parameters, forward_macs
 
@@ -29,8 +29,9 @@ def test_achieved_tflops_counts_forward_and_backward_as_three_forwards():
 
 def test_tiny_bench_writes_a_record_with_positive_figures(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    code = bench_command(["depth=8", "batch_size=32", "steps=3", "warmup=1", "windows=2", "workers=1",
-                          "data=synthetic", "data.train_size=256", "device=cpu", "compile=false", f"json={path}"])
+    code = bench_command(["depth=8", "schedule.batch_size=32", "bench.steps=3", "bench.warmup=1", "bench.windows=2",
+                          "bench.workers=1", "data=synthetic", "data.train_size=256", "device=cpu", "compile=false",
+                          f"bench.json={path}"])
     assert code == 0
     record = json.loads(path.read_text())
     for key in ("resexp_images_per_s", "reference_images_per_s", "ratio"):
@@ -46,7 +47,7 @@ def test_tiny_bench_writes_a_record_with_positive_figures(tmp_path, capsys):
     assert record["model"]["forward_macs_per_image"] > 0
     environment = record["environment"]
     assert environment["device"] == "cpu" and environment["cpu_count"] >= 1
-    assert environment["torch"] and environment["torchvision"] and environment["date"]
+    assert environment["torch"] and environment["torchvision"] and environment["started"]
     assert record["settings"]["batch_size"] == 32 and record["settings"]["compile"] is False
     assert record["settings"]["cuda_graph"] is False and record["resexp"]["cuda_graph"] is False  # no GPU here
     grad_norms = record["grad_norms"]
@@ -65,8 +66,8 @@ def test_memory_of_a_tiny_net_counts_parameter_state_and_saved_activations(tmp_p
     records = {}
     for precision in ("fp32", "bf16"):
         path = tmp_path / f"{precision}.json"
-        assert bench_command(["measure=memory", "depth=8", "batch_size=4", "device=cpu", f"precision={precision}",
-                              f"json={path}"]) == 0
+        assert bench_command(["bench.measure=memory", "depth=8", "schedule.batch_size=4", "device=cpu",
+                              f"precision={precision}", f"bench.json={path}"]) == 0
         records[precision] = json.loads(path.read_text())
     parameters = count_parameters(build_model("resnet", 8))
     for record in records.values():
@@ -84,40 +85,60 @@ def test_memory_of_a_tiny_net_counts_parameter_state_and_saved_activations(tmp_p
 
 
 @pytest.mark.parametrize("args, named", [
-    (["batch_size=0"], "batch_size=0"),
-    (["steps=many"], "steps=many"),
-    (["precision=fp8"], "precision=fp8"),
-    (["device=tpu"], "device=tpu"),
-    (["compile=maybe"], "compile=maybe"),
-    (["cuda_graph=maybe"], "cuda_graph=maybe"),
-    (["reference=yes"], "reference=yes"),
-    (["data=imagenet"], "data=imagenet"),
-    (["arch=vgg"], "arch"),
-    (["workers=-1"], "workers=-1"),
-    (["colour=red"], "colour"),
-    (["depth"], "depth"),
-    (["depth=20", "depth=56"], "depth"),
-    (["data=imagefolder"], "data.root"),
-    (["measure=speed"], "measure=speed"),
+    (["schedule.batch_size=0"], ("schedule.batch_size", "got 0")),
+    (["bench.steps=many"], ("bench.steps", "'many'")),
+    (["precision=fp8"], ("precision", "'fp8'")),
+    (["device=tpu"], ("device", "'tpu'")),
+    (["compile=maybe"], ("compile", "'maybe'")),
+    (["cuda_graph=maybe"], ("cuda_graph", "'maybe'")),
+    (["bench.reference=yes"], ("bench.reference", "'yes'")),
+    (["data=imagenet"], ("data/imagenet",)),
+    (["arch=vgg"], ("arch", "'vgg'")),
+    (["bench.workers=-1"], ("bench.workers", "got -1")),
+    (["colour=red"], ("colour",)),
+    (["depth"], ("depth",)),
+    (["depth=20", "depth=56"], ("depth",)),
+    (["depth=20,56"], ("depth=20,56",)),
+    (["data=imagefolder"], ("data.root",)),
+    (["bench.measure=speed"], ("bench.measure", "'speed'")),
+    (["steps=5"], ("'steps'", "did you mean bench.steps?")),  # the key's name before it moved under bench.
 ])
 def test_bad_arguments_are_one_line_usage_errors(args, named):
     with pytest.raises(UsageError) as raised:
-        parse_arguments(args)
+        bench_config(args)
     message = str(raised.value)
-    assert named in message and "\n" not in message
+    assert all(part in message for part in named) and "\n" not in message
 
 
 def test_depth_that_is_not_6n_plus_2_is_a_usage_error():
     with pytest.raises(UsageError, match="6n\\+2"):
-        parse_arguments(["depth=21"])
+        bench_config(["depth=21"])
 
 
 def test_batch_larger_than_the_training_set_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="batch_size=128"):
-        bench_command(["data.train_size=64", "device=cpu", f"json={tmp_path / 'x.json'}"])
+        bench_command(["data.train_size=64", "device=cpu", f"bench.json={tmp_path / 'x.json'}"])
 
 
-def test_defaults_are_the_papers_batch_and_a_resnet_20():
-    settings = parse_arguments([])
-    assert (settings.arch, settings.depth, settings.batch_size, settings.reference) == ("resnet", 20, 128, True)
-    assert 1 <= settings.workers <= 4
+def test_defaults_are_the_papers_batch_and_a_resnet_20_on_a_cifar10_sized_synthetic_set():
+    cfg = bench_config([])
+    assert (cfg.arch, cfg.depth, cfg.schedule.batch_size, cfg.bench.reference) == ("resnet", 20, 128, True)
+    assert (cfg.data.name, cfg.data.train_size) == ("synthetic", 50_000)
+    assert 1 <= reference_workers(cfg) <= 4
+
+
+def test_train_keeps_its_synthetic_size_and_has_no_bench_keys():
+    from resexp.config import compose
+
+    assert compose(["data=synthetic"]).data.train_size == 2000
+    with pytest.raises(UsageError, match="bench.steps"):
+        compose(["bench.steps=5"])
+
+
+def test_help_shows_the_configs_defaults_and_examples_and_cfg_job_the_config(capsys):
+    assert bench_command(["--help"]) == 0
+    page = capsys.readouterr().out
+    assert "examples:" in page and "resexp bench bench.measure=memory" in page
+    assert "data.train_size=      50000" in page and "bench.steps=          50" in page
+    assert bench_command(["--cfg", "job", "bench.steps=7"]) == 0
+    assert "  steps: 7\n" in capsys.readouterr().out

@@ -216,7 +216,7 @@ CASES = [
          ("{inputs}/links/train/cat/001.png",), setup=image_folder_with_link("itself")),
     Case("imagefolder-dangling-link", ("train", "data=imagefolder", "data.root={inputs}/links"),
          ("{inputs}/links/train/cat/001.png",), setup=image_folder_with_link("nothing")),
-    Case("bench-json-under-a-file", ("bench", "device=cpu", "json={inputs}/a-file/bench.json"),
+    Case("bench-json-under-a-file", ("bench", "device=cpu", "bench.json={inputs}/a-file/bench.json"),
          ("{inputs}/a-file", "not a folder"), setup=a_file),
     Case("sweep-empty-range", ("sweep", "seed=range(0,0)"), ("seed=range(0,0)",)),
     Case("status-of-a-file", ("status", "{inputs}/a-file"), ("{inputs}/a-file", "not a folder"), setup=a_file),

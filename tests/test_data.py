@@ -295,14 +295,22 @@ def test_synthetic_shapes_balance_and_determinism():
     assert not torch.equal(first.train_images, other.train_images)
 
 
-def test_synthetic_defaults_and_learnability():
-    loaded = load_data("synthetic", "ignored")
-    assert len(loaded.train_labels) == 5000 and len(loaded.test_labels) == 1000
+def test_synthetic_sizes_from_the_config_and_learnability():
+    from resexp.config import compose
+
+    sizes = compose(["data=synthetic"]).data
+    loaded = load_data("synthetic", "ignored", train_size=sizes.train_size, test_size=sizes.test_size)
+    assert (len(loaded.train_labels), len(loaded.test_labels)) == (sizes.train_size, sizes.test_size) == (2000, 500)
     # Nearest class-mean classification must work far above chance (10%).
     train = loaded.train_images.float().flatten(1)
     means = torch.stack([train[loaded.train_labels == c].mean(0) for c in range(10)])
     predicted = torch.cdist(loaded.test_images.float().flatten(1), means).argmin(1)
     assert (predicted == loaded.test_labels).float().mean() > 0.9
+
+
+def test_synthetic_sizes_of_null_are_a_usage_error():
+    with pytest.raises(UsageError, match="data.train_size .* not null"):
+        load_data("synthetic", "ignored", train_size=None, test_size=500)
 
 
 def unique_folder(root: Path, counts=(16, 8, 8)) -> Path:

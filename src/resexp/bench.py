@@ -10,19 +10,23 @@ reference  what the common CIFAR-10 reproductions run: a ``torchvision.datasets.
            ``RandomHorizontalFlip``, ``ToTensor`` and ``Normalize`` in ``DataLoader`` workers,
            the model in fp32 and NCHW, ``torch.optim.SGD``, and ``loss.item()`` every step.
 
-Each pipeline is built and runs ``warmup`` untimed steps (the first one timed on its own: it
-compiles, starts workers), then the two take turns at timed windows of ``steps`` steps, so that
-a change in the machine's load hits both alike; the figures are medians over ``windows``
-windows. CUDA is synchronised only at window ends, so a pipeline waits for the GPU only where it
-does so itself (as ``loss.item()`` does).
+The settings are ``resexp train``'s config with conf/bench.yaml on top: the same keys for the
+net, device, precision, compile, batch size (``schedule.batch_size``), SGD recipe and data, and
+the measurement's own under ``bench.`` (``bench.steps``, ``bench.warmup``, ``bench.windows``, ...).
+
+Each pipeline is built and runs ``bench.warmup`` untimed steps (the first one timed on its own: it
+compiles, starts workers), then the two take turns at timed windows of ``bench.steps`` steps, so
+that a change in the machine's load hits both alike; the figures are medians over
+``bench.windows`` windows. CUDA is synchronised only at window ends, so a pipeline waits for the
+GPU only where it does so itself (as ``loss.item()`` does).
 
 After the windows, ``gradient_norms`` (what the trainer logs once per evaluation) is timed on
 resexp's model right after a training step, and set against the step time and the evaluation
 intervals of the paper and quick schedules.
 
-``measure=memory`` times nothing: it counts, for one net, batch and precision, the bytes of the
-parameter state (weights, gradients, momentum) and of the tensors autograd saves for backward in
-one training forward pass, and on CUDA the peak memory of a training step.
+``bench.measure=memory`` times nothing: it counts, for one net, batch and precision, the bytes of
+the parameter state (weights, gradients, momentum) and of the tensors autograd saves for backward
+in one training forward pass, and on CUDA the peak memory of a training step.
 """
 
 from __future__ import annotations
@@ -34,12 +38,12 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
@@ -51,38 +55,46 @@ USAGE = """\
 usage: resexp bench [KEY=VALUE ...]
 
 Measure steady-state training throughput (images/s) of resexp's training step and of the
-usual torchvision DataLoader pipeline on the same net, and the time of the per-layer gradient
-norms the trainer logs; with measure=memory, count the net's training memory instead. Write a
-JSON record.
+usual torchvision DataLoader pipeline on the same net and images, and the time of the per-layer
+gradient norms the trainer logs; with bench.measure=memory, count the net's training memory
+instead. Print a table and write a JSON record. The keys are resexp train's, plus bench.*."""
 
-keys (default):
-  arch (resnet)  depth (20)  batch_size (128)       the net and the mini-batch
-  device (auto)  precision (auto)  compile (auto)   as in resexp train
-  cuda_graph (auto)                                 as in resexp train: one CUDA graph per step on a GPU
-  steps (50)  warmup (10)  windows (5)              timed windows of `steps` steps after `warmup` steps
-  data (synthetic)  data.root  data.train_size      synthetic | imagefolder | cifar10 (no download)
-  workers (min(4, cores))                           DataLoader workers of the reference pipeline
-  reference (true)                                  false: measure resexp only
-  threads (the usable cores)                        CPU threads of the main process, for both pipelines
-  seed (0)  json (outputs/bench/<arch>-<depth>-b<batch>-<device>.json)
-  measure (throughput)                              throughput | memory. memory times nothing: it counts the
-                                                    bytes of weights, gradients and momentum and of what autograd
-                                                    saves for backward in one training forward pass at this
-                                                    batch_size and precision, and on CUDA the peak memory of a
-                                                    training step (json: outputs/bench/memory-<arch>-<depth>-
-                                                    b<batch>-<precision>-<device>.json; data keys unused)
-"""
+# The main options of the help page: (key, meaning). Each default is read from the composed
+# config (conf/bench.yaml on top of resexp train's), so the page cannot drift from it.
+HELP_OPTIONS = (
+    ("arch", "plain | resnet"),
+    ("depth", "weighted layers, 6n+2: 20, 32, 44, 56, 110, 1202, ..."),
+    ("schedule.batch_size", "the mini-batch of both pipelines"),
+    ("device", "auto (cuda if there is one) | cpu | cuda"),
+    ("precision", "auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32"),
+    ("compile", "auto (as resexp train for the schedule's length) | true | false"),
+    ("cuda_graph", "auto (on a GPU, unless fp16) | true | false: a step is one CUDA graph"),
+    ("data", "synthetic (generated) | imagefolder | cifar10: both pipelines' images"),
+    ("data.root", "the images' folder (imagefolder: train/<class>/, test/<class>/)"),
+    ("data.train_size", "training images: as many as CIFAR-10's (null: all of data.root's)"),
+    ("seed", "initialisation and data order of both pipelines"),
+    ("bench.steps", "steps in each timed window"),
+    ("bench.warmup", "untimed steps first; the first one is timed alone (compiling, workers)"),
+    ("bench.windows", "timed windows per pipeline, taken in turns; figures are their medians"),
+    ("bench.reference", "false: time resexp's step only"),
+    ("bench.workers", "DataLoader workers of the reference pipeline (null: min(4, cores))"),
+    ("bench.threads", "CPU threads of the main process (null: as resexp train sets them)"),
+    ("bench.measure", "throughput | memory: the bytes of weights, gradients, momentum and"),
+    ("", "saved activations at this batch and precision, and on CUDA a step's peak"),
+    ("bench.json", "the record's path (null: outputs/bench/<run name>-b<batch>-<device>.json,"),
+    ("", "the run name as resexp train gives it, e.g. resnet-20-s0-synthetic)"),
+)
+HELP_EXAMPLES = (
+    "resexp bench                                     ResNet-20, batch 128: 10 warm-up steps, 5 windows of 50",
+    "resexp bench depth=56 compile=true bench.steps=20 bench.windows=3",
+    "resexp bench data=imagefolder data.root=data/cifar10-jpeg bench.reference=false",
+    "resexp bench bench.measure=memory depth=1202 precision=bf16",
+)
 
-DATA_CHOICES = ("synthetic", "imagefolder", "cifar10")
-MEASURE_CHOICES = ("throughput", "memory")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
-BOOLEAN_WORDS = {"true": True, "false": False}
-SYNTHETIC_TRAIN_IMAGES = 50_000  # as many as CIFAR-10, so epochs (and the reference's reshuffles) come as often
 UNSTEADY_SPREAD = 1.3  # fastest / slowest window above this: the machine's load changed during the run
-SGD = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=1e-4)  # the paper's recipe, for both pipelines
 GRAD_NORM_CALLS = 5  # timed gradient_norms calls, each right after its own training step
 LOGGED_SCHEDULES = ("paper", "quick")  # schedules whose eval_every the gradient-norm overhead is given for
+REFERENCE_WORKERS = 4  # the common scripts' num_workers (bench.workers=null: fewer on a machine with fewer cores)
 
 # The normalisation constants the common CIFAR-10 scripts use (any values cost the same).
 REFERENCE_MEAN = (0.4914, 0.4822, 0.4465)
@@ -98,130 +110,60 @@ BF16_DENSE_PEAK_TFLOPS = (
 )
 
 
-# --- arguments ----------------------------------------------------------------------------------
+# --- the config ---------------------------------------------------------------------------------
 
-@dataclass
-class BenchSettings:
-    arch: str = "resnet"
-    depth: int = 20
-    batch_size: int = 128
-    device: str = "auto"
-    precision: str = "auto"
-    compile: str | bool = "auto"  # "auto", True or False, as resolve_compile takes it
-    cuda_graph: str | bool = "auto"  # "auto", True or False, as resolve_cuda_graph takes it
-    steps: int = 50
-    warmup: int = 10
-    windows: int = 5
-    data: str = "synthetic"
-    data_root: str | None = None
-    train_size: int | None = None
-    workers: int = field(default_factory=lambda: min(4, usable_cores()))
-    reference: bool = True
-    threads: int | None = None  # CPU threads of the main process; None: as resexp train sets them
-    seed: int = 0
-    json: str | None = None
-    measure: str = "throughput"
+def bench_config(overrides: list[str]) -> DictConfig:
+    """``resexp train``'s config with conf/bench.yaml on top, for these overrides; every value checked."""
+    from . import config
+
+    check_arguments(overrides)
+    cfg = config.compose(overrides, config_name="bench")
+    config.check(cfg, config_name="bench")
+    return cfg
 
 
-def parse_arguments(args: list[str]) -> BenchSettings:
-    """``key=value`` arguments into settings; anything unknown or malformed is a UsageError."""
-    settings = BenchSettings()
+def check_arguments(overrides: list[str]) -> None:
+    """KEY=VALUE arguments, one value per key: Hydra keeps the last of ``depth=20 depth=56`` without a
+    word, and reads ``depth=20,56`` as a sweep."""
+    from .sweep import parse_overrides
+
+    for arg in overrides:
+        if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):  # ~KEY deletes a key, as in Hydra
+            raise UsageError(f"resexp bench takes KEY=VALUE arguments, --help and --cfg job; got {arg!r}")
     seen: set[str] = set()
-    for arg in args:
-        key, equals, value = arg.partition("=")
-        if not equals or not key:
-            raise UsageError(f"resexp bench takes key=value arguments; got {arg!r} ('resexp bench --help' lists the keys)")
+    for override in parse_overrides(overrides):
+        key = override.get_key_element()
         if key in seen:
             raise UsageError(f"{key} is given twice; give each key once")
+        if override.is_sweep_override():
+            raise UsageError(f"{override.input_line} gives several values; resexp bench measures one setting: "
+                             "run it once per value")
         seen.add(key)
-        if key not in PARSERS:
-            raise UsageError(f"unknown key {key!r}; resexp bench takes {', '.join(PARSERS)}")
-        attribute, parse = PARSERS[key]
-        setattr(settings, attribute, parse(key, value))
-    if settings.data in ("imagefolder", "cifar10") and settings.data_root is None:
-        raise UsageError(f"data={settings.data} needs data.root=<folder>")
-    return settings
 
 
-def _whole_number(minimum: int) -> Callable[[str, str], int]:
-    def parse(key: str, value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = None
-        if number is None or number < minimum:
-            raise UsageError(f"{key}={value} is not allowed: use a whole number >= {minimum}")
-        return number
-    return parse
+def reference_workers(cfg: DictConfig) -> int:
+    return min(REFERENCE_WORKERS, usable_cores()) if cfg.bench.workers is None else cfg.bench.workers
 
 
-def _optional_whole_number(key: str, value: str) -> int | None:
-    return None if value.lower() in ("null", "none") else _whole_number(1)(key, value)
+def help_page() -> str:
+    """The --help text, with the defaults of the composed config."""
+    cfg = bench_config([])
+    rows = [f"  {key + '=':<22}{shown(OmegaConf.select(cfg, key)):<12}{meaning}" if key else f"{'':<36}{meaning}"
+            for key, meaning in HELP_OPTIONS]
+    return "\n".join([USAGE, "", f"{'options:':<24}{'default':<12}meaning", *rows,
+                      f"  {'model.*':<34}the net's options, as in resexp train (model.shortcut=B, ...)", "",
+                      "examples:", *(f"  {example}" for example in HELP_EXAMPLES), "",
+                      "Every config key can be set the same way: --cfg job prints them all, resolved.",
+                      "Errors print one line; HYDRA_FULL_ERROR=1 shows tracebacks."])
 
 
-def _choice(allowed: tuple[str, ...]) -> Callable[[str, str], str]:
-    def parse(key: str, value: str) -> str:
-        if value not in allowed:
-            raise UsageError(f"{key}={value} is not allowed: use one of {', '.join(allowed)}")
-        return value
-    return parse
-
-
-def _boolean(key: str, value: str) -> bool:
-    if value.lower() not in BOOLEAN_WORDS:
-        raise UsageError(f"{key}={value} is not allowed: use true or false")
-    return BOOLEAN_WORDS[value.lower()]
-
-
-def _auto_or_boolean(key: str, value: str) -> str | bool:
-    if value == "auto":
-        return "auto"
-    if value.lower() not in BOOLEAN_WORDS:
-        raise UsageError(f"{key}={value} is not allowed: use auto, true or false")
-    return BOOLEAN_WORDS[value.lower()]
-
-
-def _arch(key: str, value: str) -> str:
-    from .models import ARCHS
-
-    return _choice(ARCHS)(key, value)
-
-
-def _depth(key: str, value: str) -> int:
-    from .models import blocks_per_stage
-
-    depth = _whole_number(1)(key, value)
-    blocks_per_stage(depth)  # the CIFAR nets exist for 6n+2 layers only
-    return depth
-
-
-def _text(key: str, value: str) -> str:
-    if not value:
-        raise UsageError(f"{key} is empty: give a path")
-    return value
-
-
-PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
-    "arch": ("arch", _arch),
-    "depth": ("depth", _depth),
-    "batch_size": ("batch_size", _whole_number(1)),
-    "device": ("device", _choice(DEVICE_CHOICES)),
-    "precision": ("precision", _choice(PRECISION_CHOICES)),
-    "compile": ("compile", _auto_or_boolean),
-    "cuda_graph": ("cuda_graph", _auto_or_boolean),
-    "steps": ("steps", _whole_number(1)),
-    "warmup": ("warmup", _whole_number(1)),  # the first step is always a warm-up step (compile, workers)
-    "windows": ("windows", _whole_number(1)),
-    "data": ("data", _choice(DATA_CHOICES)),
-    "data.root": ("data_root", _text),
-    "data.train_size": ("train_size", _optional_whole_number),
-    "workers": ("workers", _whole_number(0)),
-    "reference": ("reference", _boolean),
-    "threads": ("threads", _optional_whole_number),
-    "seed": ("seed", _whole_number(0)),
-    "json": ("json", _text),
-    "measure": ("measure", _choice(MEASURE_CHOICES)),
-}
+def shown(value) -> str:
+    """A default as it is typed: a config group by its option's name, true/false, null."""
+    if isinstance(value, DictConfig):
+        return str(value.name)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
 
 
 # --- what the hardware does -------------------------------------------------------------------
@@ -298,7 +240,7 @@ def memory_held(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def prepare(build: Callable[[], Pipeline], settings: BenchSettings, device: torch.device) -> Pipeline:
+def prepare(build: Callable[[], Pipeline], warmup: int, device: torch.device) -> Pipeline:
     """Build a pipeline and run its warm-up steps, timing the first one; then record the peak memory
     of one steady-state step.
 
@@ -313,7 +255,7 @@ def prepare(build: Callable[[], Pipeline], settings: BenchSettings, device: torc
         pipeline.one_step()
         synchronize(device)
         pipeline.first_step_s = time.perf_counter() - start
-        for _ in range(settings.warmup - 1):
+        for _ in range(warmup - 1):
             pipeline.one_step()
         synchronize(device)
         reset_peak_memory(device)
@@ -334,12 +276,12 @@ def time_window(pipeline: Pipeline, steps: int, device: torch.device) -> None:
     pipeline.window_s.append(time.perf_counter() - start)
 
 
-def summarize(pipeline: Pipeline, settings: BenchSettings, macs_per_image: int, peak_tflops: float | None,
+def summarize(pipeline: Pipeline, cfg: DictConfig, macs_per_image: int, peak_tflops: float | None,
               device: torch.device) -> dict:
-    images_per_window = settings.batch_size * settings.steps
+    images_per_window = cfg.schedule.batch_size * cfg.bench.steps
     median_s = statistics.median(pipeline.window_s)
     images_per_s = images_per_window / median_s
-    step_s = median_s / settings.steps
+    step_s = median_s / cfg.bench.steps
     tflops = training_tflops(macs_per_image, images_per_s)
     compiled = pipeline.description.get("compile")
     return {
@@ -377,13 +319,6 @@ def time_gradient_norms(pipeline: Pipeline, device: torch.device, calls: int = G
     return seconds
 
 
-def paper_iterations() -> int:
-    """``schedule.iterations`` of the paper's schedule, from the config ``resexp train`` composes."""
-    from .config import compose
-
-    return int(compose([]).schedule.iterations)
-
-
 def eval_intervals(schedules: tuple[str, ...] = LOGGED_SCHEDULES) -> dict[str, int]:
     """``schedule.eval_every`` of each schedule, from the configs ``resexp train`` composes."""
     from .config import compose
@@ -407,33 +342,34 @@ def gradient_norm_figures(call_s: list[float], step_ms: float, intervals: dict[s
 
 # --- the two pipelines --------------------------------------------------------------------------
 
-def resexp_pipeline(data, settings: BenchSettings, device: torch.device, precision: str,
+def resexp_pipeline(data, cfg: DictConfig, device: torch.device, precision: str,
                     compile_model: bool, cuda_graph: bool) -> Pipeline:
     """resexp's training step, built as ``train.train`` builds it."""
     from .data import TrainBatches, pixel_mean
-    from .models import build_model
+    from .models import build_model_for
     from .train import autocast, learning_rate_tensor, make_optimizer, make_train_step
 
     images = data.train_images.to(device)
     labels = data.train_labels.to(device)
     mean = pixel_mean(data.train_images).to(device)
-    batches = TrainBatches(images, labels, settings.batch_size, settings.seed, mean)
-    torch.manual_seed(settings.seed)
-    model = build_model(settings.arch, settings.depth, num_classes=len(data.classes))
+    batches = TrainBatches(images, labels, cfg.schedule.batch_size, cfg.seed, mean,
+                           padding=cfg.data.augment.padding, flip=cfg.data.augment.flip)
+    torch.manual_seed(cfg.seed)
+    model = build_model_for(cfg, num_classes=len(data.classes))
     model = model.to(device, memory_format=torch.channels_last)
-    lr = learning_rate_tensor(SGD.lr, device)
-    optimizer = make_optimizer(model, SGD, device, lr=lr)
+    lr = learning_rate_tensor(cfg.schedule.lr, device)
+    optimizer = make_optimizer(model, cfg.schedule, device, lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step = make_train_step(model, optimizer, scaler, autocast(device, precision), compile=compile_model,
                            cuda_graph=cuda_graph)
     step_stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, errors, images: kept per step
-    batch_images = torch.tensor(float(settings.batch_size), dtype=torch.float64, device=device)
+    batch_images = torch.tensor(float(cfg.schedule.batch_size), dtype=torch.float64, device=device)
     iteration = 0
     model.train()
 
     def one_step() -> None:
         nonlocal iteration
-        lr.fill_(SGD.lr)  # the training loop sets the scheduled rate every iteration
+        lr.fill_(cfg.schedule.lr)  # the training loop sets the scheduled rate every iteration
         x, y = batches.batch(iteration)
         loss, wrong = step(x.contiguous(memory_format=torch.channels_last), y)
         step_stats.add_(torch.stack([loss.double() * len(y), wrong.double(), batch_images]))
@@ -462,7 +398,7 @@ class PILImageDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.data[index])), self.targets[index]
 
 
-def reference_loader(data, settings: BenchSettings, device: torch.device) -> torch.utils.data.DataLoader:
+def reference_loader(data, cfg: DictConfig, device: torch.device) -> torch.utils.data.DataLoader:
     from torchvision import transforms
 
     transform = transforms.Compose([
@@ -472,28 +408,30 @@ def reference_loader(data, settings: BenchSettings, device: torch.device) -> tor
         transforms.Normalize(REFERENCE_MEAN, REFERENCE_STD),
     ])
     dataset = PILImageDataset(data.train_images, data.train_labels, transform)
+    workers = reference_workers(cfg)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True, num_workers=settings.workers,
-        persistent_workers=settings.workers > 0, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(settings.seed),
+        dataset, batch_size=cfg.schedule.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
 
 
-def reference_pipeline(data, settings: BenchSettings, device: torch.device) -> Pipeline:
+def reference_pipeline(data, cfg: DictConfig, device: torch.device) -> Pipeline:
     """The common reproductions' loop: DataLoader batches, fp32 NCHW model, plain SGD, loss.item()."""
-    from .models import build_model
+    from .models import build_model_for
 
-    loader = reference_loader(data, settings, device)
+    loader = reference_loader(data, cfg, device)
 
     def endless_batches():
         while True:  # persistent workers carry over from one epoch to the next
             yield from loader
 
     batches = endless_batches()
-    torch.manual_seed(settings.seed)
-    model = build_model(settings.arch, settings.depth, num_classes=len(data.classes)).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=SGD.lr, momentum=SGD.momentum,
-                                weight_decay=SGD.weight_decay)
+    torch.manual_seed(cfg.seed)
+    model = build_model_for(cfg, num_classes=len(data.classes)).to(device)
+    schedule = cfg.schedule  # the same recipe as resexp's step: the paper's unless the config says otherwise
+    optimizer = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
+                                weight_decay=schedule.weight_decay)
     criterion = nn.CrossEntropyLoss()
     running_loss = 0.0
     model.train()
@@ -516,11 +454,11 @@ def reference_pipeline(data, settings: BenchSettings, device: torch.device) -> P
 
     return Pipeline("reference", one_step, {
         "precision": "fp32", "compile": False, "memory_format": "contiguous (NCHW)",
-        "data_pipeline": f"DataLoader, {settings.workers} workers, PIL transforms",
+        "data_pipeline": f"DataLoader, {loader.num_workers} workers, PIL transforms",
     }, close)
 
 
-# --- memory (measure=memory) --------------------------------------------------------------------
+# --- memory (bench.measure=memory) --------------------------------------------------------------
 
 STATE_STEP_BATCH = 2  # off CUDA, the steps that make the gradients and momentum need not be full-sized
 
@@ -568,34 +506,32 @@ def saved_for_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp) 
     return by_dtype
 
 
-def run_memory(settings: BenchSettings) -> dict:
+def run_memory(cfg: DictConfig) -> dict:
     """Count the memory of one net's training at one batch size and precision; return the record."""
-    from .models import build_model, count_parameters
-    from .train import (TrainStep, autocast, configure_backend, make_optimizer, resolve_compile, resolve_device,
-                        resolve_precision)
+    from .models import build_model_for, count_parameters
+    from .train import TrainStep, autocast, make_optimizer, resolve_compile, resolve_device, resolve_precision
 
-    device = resolve_device(settings.device)
-    precision = resolve_precision(settings.precision, device)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     on_cuda = device.type == "cuda"
-    compile_model = resolve_compile(settings.compile, device) and on_cuda  # off CUDA no step is measured
-    configure_backend(device)
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
-    load_average_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    compile_model = resolve_compile(cfg.compile, device) and on_cuda  # off CUDA no step is measured
+    use_threads(cfg, device)
+    environment = environment_at_start(device)
+    batch_size = cfg.schedule.batch_size
 
     def random_batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
         # The bytes depend on shapes only, so random images do.
         x = torch.randn(size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
         return x, torch.randint(0, 10, (size,), device=device)
 
-    torch.manual_seed(settings.seed)
-    model = build_model(settings.arch, settings.depth).to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, SGD, device)
+    torch.manual_seed(cfg.seed)
+    model = build_model_for(cfg).to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg.schedule, device)
     amp = autocast(device, precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step = TrainStep(model, optimizer, scaler, amp, compile=compile_model)
     try:
-        x, y = random_batch(settings.batch_size if on_cuda else STATE_STEP_BATCH)
+        x, y = random_batch(batch_size if on_cuda else STATE_STEP_BATCH)
         for _ in range(2):  # the first step also makes the momentum buffers (and, on CUDA, tries kernels)
             step(x, y)
         synchronize(device)
@@ -606,13 +542,13 @@ def run_memory(settings: BenchSettings) -> dict:
         cuda_peak = torch.cuda.max_memory_allocated(device) if on_cuda else None
         state = parameter_state(model, optimizer)
         del x, y
-        x, y = random_batch(settings.batch_size)
+        x, y = random_batch(batch_size)
         start = time.perf_counter()
         saved = saved_for_backward(model, x, y, amp)
         synchronize(device)
         forward_s = time.perf_counter() - start
     except torch.OutOfMemoryError as error:
-        raise UsageError(f"out of GPU memory at batch_size={settings.batch_size}; use a smaller batch_size") from error
+        raise out_of_memory(batch_size) from error
 
     saved_bytes = sum(saved.values())
     return {
@@ -621,7 +557,7 @@ def run_memory(settings: BenchSettings) -> dict:
             **state,
             "saved_activation_bytes": saved_bytes,
             "saved_activation_bytes_by_dtype": saved,
-            "saved_activation_bytes_per_image": round(saved_bytes / settings.batch_size),
+            "saved_activation_bytes_per_image": round(saved_bytes / batch_size),
             # An estimate, not a peak: a step also holds activation gradients, kernel workspaces
             # and the allocator's slack, and on a GPU the CUDA context besides.
             "estimate_bytes": state["parameter_state_bytes"] + saved_bytes,
@@ -630,77 +566,114 @@ def run_memory(settings: BenchSettings) -> dict:
                               if on_cuda else None,
             "forward_s": round(forward_s, 2),
         },
-        "model": {"arch": settings.arch, "depth": settings.depth, "parameters": count_parameters(model)},
-        "settings": {**asdict(settings), "device": device.type, "precision": precision, "compile": compile_model},
-        "environment": environment_record(device, torch.cuda.get_device_name(device) if on_cuda else cpu_model(),
-                                          None, load_average_start),
+        "model": model_record(cfg, count_parameters(model)),
+        "settings": settings_record(cfg, device=device.type, precision=precision, compile=compile_model),
+        "environment": {**environment, "load_average_end": load_average()},
     }
 
 
 # --- the command --------------------------------------------------------------------------------
 
-def load_images(settings: BenchSettings):
+def use_threads(cfg: DictConfig, device: torch.device) -> None:
+    """The CPU threads of the main process: as resexp train sets them, unless bench.threads says how many."""
+    from .train import configure_backend
+
+    configure_backend(device)
+    if cfg.bench.threads is not None:
+        torch.set_num_threads(cfg.bench.threads)
+
+
+def environment_at_start(device: torch.device) -> dict:
+    """``train.environment`` (the one record of where something ran), and what a benchmark adds:
+    the GPU's bf16 peak, and the load average, as the machine's other work slows both pipelines."""
+    from .train import environment
+
+    record = environment(device)
+    peak = bf16_peak_tflops(record["device_name"]) if device.type == "cuda" else None
+    return {**record, "bf16_dense_peak_tflops": peak, "load_average_start": load_average()}
+
+
+def load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def load_images(cfg: DictConfig):
+    """The training images, as ``resexp train`` loads them for this config."""
     from .data import load_data
 
-    synthetic = settings.data == "synthetic"
-    train_size = settings.train_size
-    if synthetic and train_size is None:
-        train_size = SYNTHETIC_TRAIN_IMAGES
-    data = load_data(settings.data, settings.data_root, train_size=train_size,
-                     test_size=10 if synthetic else None, download=False, seed=settings.seed)
-    if settings.batch_size > len(data.train_images):
-        raise UsageError(f"batch_size={settings.batch_size} is larger than the training set "
-                         f"({len(data.train_images)} images): use at most {len(data.train_images)}")
-    return data
+    wanted = cfg.data
+    images = load_data(wanted.name, wanted.root, train_size=wanted.train_size, test_size=wanted.test_size,
+                       val_size=wanted.val_size, resize=wanted.resize, download=wanted.download, seed=cfg.seed)
+    batch_size, available = cfg.schedule.batch_size, len(images.train_images)
+    if batch_size > available:
+        raise UsageError(f"schedule.batch_size={batch_size} is larger than the training set "
+                         f"({available} images): use at most {available}")
+    return images
 
 
-def default_json_path(settings: BenchSettings, device: torch.device, precision: str) -> Path:
-    name = f"{settings.arch}-{settings.depth}-b{settings.batch_size}"
-    if settings.measure == "memory":  # one record per precision: they are compared side by side
-        return Path("outputs") / "bench" / f"memory-{name}-{precision}-{device.type}.json"
-    return Path("outputs") / "bench" / f"{name}-{device.type}.json"
+def out_of_memory(batch_size: int) -> UsageError:
+    return UsageError(f"out of GPU memory at schedule.batch_size={batch_size}; use a smaller schedule.batch_size")
 
 
-def run_bench(settings: BenchSettings) -> dict:
+def model_record(cfg: DictConfig, parameters: int, **figures) -> dict:
+    return {"arch": cfg.arch, "depth": cfg.depth, "options": OmegaConf.to_container(cfg.model),
+            "parameters": parameters, **figures}
+
+
+def settings_record(cfg: DictConfig, **resolved) -> dict:
+    """The settings under the names the records have always used (``batch_size`` for
+    ``schedule.batch_size``, ``steps`` for ``bench.steps``, ...), with what ``auto`` resolved to."""
+    return {"arch": cfg.arch, "depth": cfg.depth, "batch_size": cfg.schedule.batch_size, "seed": cfg.seed,
+            "data": cfg.data.name, "data_root": cfg.data.root, "train_size": cfg.data.train_size,
+            **OmegaConf.to_container(cfg.bench), "workers": reference_workers(cfg), **resolved}
+
+
+def default_json_path(cfg: DictConfig, device: str, precision: str) -> Path:
+    """outputs/bench/, named by the run name ``resexp train`` gives this config, the batch and the device."""
+    from .config import run_name
+
+    name = f"{run_name(cfg)}-b{cfg.schedule.batch_size}"
+    if cfg.bench.measure == "memory":  # one record per precision: they are compared side by side
+        return Path("outputs") / "bench" / f"memory-{name}-{precision}-{device}.json"
+    return Path("outputs") / "bench" / f"{name}-{device}.json"
+
+
+def run_bench(cfg: DictConfig) -> dict:
     """Measure both pipelines and return the record that ``bench_command`` writes."""
-    from .models import build_model, count_parameters
-    from .train import configure_backend, resolve_compile, resolve_cuda_graph, resolve_device, resolve_precision
+    from .models import build_model_for, count_parameters
+    from .train import resolve_compile, resolve_cuda_graph, resolve_device, resolve_precision
 
-    device = resolve_device(settings.device)
-    precision = resolve_precision(settings.precision, device)
-    # compile=auto as resexp train decides it for the paper's schedule (the run a user times).
-    compile_model = resolve_compile(settings.compile, device, paper_iterations())
-    cuda_graph = resolve_cuda_graph(settings.cuda_graph, device, precision)
-    configure_backend(device)
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
-    load_average_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    # compile=auto as resexp train decides it for the schedule's length (the paper's: the run a user times).
+    compile_model = resolve_compile(cfg.compile, device, cfg.schedule.iterations)
+    cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device, precision)
+    use_threads(cfg, device)
+    environment = environment_at_start(device)
 
-    data = load_images(settings)
-    counting_model = build_model(settings.arch, settings.depth, num_classes=len(data.classes))
+    data = load_images(cfg)
+    counting_model = build_model_for(cfg, num_classes=len(data.classes))
     macs_per_image = forward_macs(counting_model, tuple(data.train_images.shape[1:]))
     parameters = count_parameters(counting_model)
     del counting_model
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    peak_tflops = bf16_peak_tflops(device_name) if device.type == "cuda" else None
-
     pipelines: list[Pipeline] = []
     try:
-        pipelines.append(prepare(lambda: resexp_pipeline(data, settings, device, precision, compile_model, cuda_graph),
-                                 settings, device))
-        if settings.reference:
-            pipelines.append(prepare(lambda: reference_pipeline(data, settings, device), settings, device))
-        for _ in range(settings.windows):
+        pipelines.append(prepare(lambda: resexp_pipeline(data, cfg, device, precision, compile_model, cuda_graph),
+                                 cfg.bench.warmup, device))
+        if cfg.bench.reference:
+            pipelines.append(prepare(lambda: reference_pipeline(data, cfg, device), cfg.bench.warmup, device))
+        for _ in range(cfg.bench.windows):
             for pipeline in pipelines:  # alternate windows, so a change in the machine's load hits both alike
-                time_window(pipeline, settings.steps, device)
+                time_window(pipeline, cfg.bench.steps, device)
         grad_norm_s = time_gradient_norms(pipelines[0], device)
     except torch.OutOfMemoryError as error:
-        raise UsageError(f"out of GPU memory at batch_size={settings.batch_size}; use a smaller batch_size") from error
+        raise out_of_memory(cfg.schedule.batch_size) from error
     finally:
         for pipeline in pipelines:
             pipeline.close()
-    figures = {pipeline.name: summarize(pipeline, settings, macs_per_image, peak_tflops, device)
+    peak_tflops = environment["bf16_dense_peak_tflops"]
+    figures = {pipeline.name: summarize(pipeline, cfg, macs_per_image, peak_tflops, device)
                for pipeline in pipelines}
     resexp, reference = figures["resexp"], figures.get("reference")
     grad_norms = gradient_norm_figures(grad_norm_s, resexp["ms_per_step"], eval_intervals())
@@ -720,34 +693,10 @@ def run_bench(settings: BenchSettings) -> dict:
         "reference": reference,
         "grad_norms": grad_norms,
         "measure": "throughput",
-        "model": {"arch": settings.arch, "depth": settings.depth, "parameters": parameters,
-                  "forward_macs_per_image": macs_per_image},
-        "settings": {**asdict(settings), "device": device.type, "precision": precision, "compile": compile_model,
-                     "cuda_graph": cuda_graph, "train_images": len(data.train_images)},
-        "environment": environment_record(device, device_name, peak_tflops, load_average_start),
-    }
-
-
-def environment_record(device: torch.device, device_name: str, peak_tflops: float | None,
-                       load_average_start) -> dict:
-    import torchvision
-
-    return {
-        "device": device.type,
-        "device_name": device_name,
-        "bf16_dense_peak_tflops": peak_tflops,
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": usable_cores(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "load_average_start": list(load_average_start) if load_average_start else None,
-        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model_record(cfg, parameters, forward_macs_per_image=macs_per_image),
+        "settings": settings_record(cfg, device=device.type, precision=precision, compile=compile_model,
+                                    cuda_graph=cuda_graph, train_images=len(data.train_images)),
+        "environment": {**environment, "load_average_end": load_average()},
     }
 
 
@@ -755,7 +704,7 @@ def format_table(record: dict) -> str:
     environment, model, settings = record["environment"], record["model"], record["settings"]
     lines = [
         f"{model['arch']}-{model['depth']}, batch {settings['batch_size']}, {environment['device']} "
-        f"({environment['device_name']}, {environment['usable_cores']} cores, {environment['torch_threads']} threads), "
+        f"({environment['device_name']}, {environment['usable_cores']} cores, {environment['cpu_threads']} threads), "
         f"torch {environment['torch']}",
         f"forward pass: {model['forward_macs_per_image'] / 1e6:.1f} M multiply-adds per image; "
         f"{settings['warmup']} warm-up steps, then the median of {settings['windows']} windows "
@@ -822,7 +771,7 @@ def format_memory_table(record: dict) -> str:
         peak = f"{'-':>10}   not measured: no CUDA device ({environment['device']})"
     lines = [
         f"{model['arch']}-{model['depth']}, batch {settings['batch_size']}, {settings['precision']}, "
-        f"{environment['device']} ({environment['device_name']}, {environment['torch_threads']} threads), "
+        f"{environment['device']} ({environment['device_name']}, {environment['cpu_threads']} threads), "
         f"torch {environment['torch']}; {model['parameters'] / 1e6:.2f} M parameters",
         "",
         f"{'':<40}{'MiB':>10}",
@@ -842,20 +791,31 @@ def format_memory_table(record: dict) -> str:
 
 
 def bench_command(args: list[str]) -> int:
-    from .files import atomic_write_json, unwritable_reason
+    from . import config
+    from .files import atomic_write_json
 
     if any(arg in ("-h", "--help") for arg in args):
-        print(USAGE)
+        print(help_page())
         return 0
-    settings = parse_arguments(args)
-    if settings.json and unwritable_reason(settings.json):
-        raise UsageError(f"json={settings.json} cannot be written: {unwritable_reason(settings.json)}; "
-                         "give a file path in a folder that exists or can be made")
-    memory = settings.measure == "memory"
-    record = run_memory(settings) if memory else run_bench(settings)
-    path = Path(settings.json) if settings.json else default_json_path(
-        settings, torch.device(record["settings"]["device"]), record["settings"]["precision"])
+    overrides = without_cfg_job(args)
+    if overrides is not None:  # as resexp train --cfg job: the config, composed and resolved, and nothing run
+        print(OmegaConf.to_yaml(config.compose(overrides, config_name="bench"), resolve=True), end="")
+        return 0
+    cfg = bench_config(args)
+    memory = cfg.bench.measure == "memory"
+    record = run_memory(cfg) if memory else run_bench(cfg)
+    settings = record["settings"]
+    path = Path(cfg.bench.json) if cfg.bench.json else default_json_path(cfg, settings["device"],
+                                                                         settings["precision"])
     atomic_write_json(path, record)
     print(format_memory_table(record) if memory else format_table(record))
     print(f"record: {path}")
     return 0
+
+
+def without_cfg_job(args: list[str]) -> list[str] | None:
+    """The overrides, where the arguments ask for the config with ``--cfg job`` (or ``-c job``); else None."""
+    for index, arg in enumerate(args):
+        if arg in ("--cfg", "-c") and args[index + 1 : index + 2] == ["job"]:
+            return args[:index] + args[index + 2 :]
+    return None

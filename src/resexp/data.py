@@ -33,8 +33,6 @@ IMAGE_SIZE = 32  # the CIFAR networks assume 32x32 inputs
 CACHE_FILENAME = ".resexp-cache.pt"
 CACHE_FORMAT_VERSION = 1  # bump when the cached tensors' layout or decoding changes
 SYNTHETIC_CLASSES = 10
-SYNTHETIC_DEFAULT_TRAIN = 5000
-SYNTHETIC_DEFAULT_TEST = 1000
 
 
 @dataclass
@@ -63,7 +61,8 @@ def load_data(
     ``train_size``/``test_size`` of None keep everything. ``val_size`` holds out
     that many training images and evaluates on them instead of the test set
     (``test_size`` then has nothing to act on and is ignored).
-    ``synthetic`` ignores ``root`` and generates exactly the sizes asked for.
+    ``synthetic`` ignores ``root`` and generates exactly the sizes asked for (the config's
+    data/synthetic.yaml sets them).
     """
     for key, value in (("train_size", train_size), ("test_size", test_size), ("val_size", val_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -77,11 +76,13 @@ def load_data(
     elif name == "imagefolder":
         data = _load_imagefolder(root, resize)
     elif name == "synthetic":
+        # null means "all the images", and generated data has no all (a validation split replaces the test set).
+        if train_size is None or (test_size is None and val_size is None):
+            raise UsageError("data=synthetic generates data.train_size training and data.test_size test images: "
+                             "give both as numbers, not null")
         # Generate the held-out images on top of train_size, so train_size means
         # the same thing (images trained on) with and without a validation split.
-        train_count = SYNTHETIC_DEFAULT_TRAIN if train_size is None else train_size + (val_size or 0)
-        test_count = SYNTHETIC_DEFAULT_TEST if test_size is None else test_size
-        data = make_synthetic(train_count, test_count, seed)
+        data = make_synthetic(train_size + (val_size or 0), test_size or 0, seed)
     else:
         raise UsageError(f"data={name!r} is not a known data set: use one of {', '.join(DATASET_NAMES)}")
     return _select_subsets(data, train_size, test_size, val_size, seed)
