@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from resexp import data
+from resexp.config import compose, problems
 from resexp.data import TrainBatches, load_data, normalize, pixel_mean, random_crop_flip
 from resexp.errors import UsageError
 
@@ -247,12 +248,16 @@ def test_wrong_size_without_resize_is_an_error(tmp_path):
     assert message.count("(40x40)") == 3
 
 
+# Values are checked with the config, before any data is read (load_data trusts its arguments).
+
 def test_missing_root_setting():
-    raises_one_line("data.root is not set", load_data, "imagefolder", None)
+    for name in ("imagefolder", "cifar10"):
+        [message] = problems(compose([f"data={name}", "data.root=null"]))
+        assert message.startswith("data.root must be the folder") and f"data={name}" in message
 
 
-def test_unknown_dataset_name(tmp_path):
-    message = raises_one_line("not a known data set", load_data, "mnist", str(tmp_path))
+def test_unknown_dataset_name():
+    [message] = problems(compose(["data.name=mnist"]))
     assert "'mnist'" in message and "cifar10, imagefolder, synthetic" in message
 
 
@@ -309,8 +314,11 @@ def test_synthetic_sizes_from_the_config_and_learnability():
 
 
 def test_synthetic_sizes_of_null_are_a_usage_error():
-    with pytest.raises(UsageError, match="data.train_size .* not null"):
-        load_data("synthetic", "ignored", train_size=None, test_size=500)
+    for size in ("data.train_size=null", "data.test_size=null"):
+        assert problems(compose(["data=synthetic", size])) == [
+            "data=synthetic generates data.train_size training and data.test_size test images: "
+            "give both as numbers, not null"]
+    assert problems(compose(["data=synthetic", "data.test_size=null", "data.val_size=100"])) == []
 
 
 def unique_folder(root: Path, counts=(16, 8, 8)) -> Path:
@@ -355,7 +363,8 @@ def test_subset_larger_than_available(tmp_path):
     raises_one_line(r"data.test_size=7 is larger than the test set \(6 images\)",
                     load_data, "imagefolder", str(root), test_size=7)
     raises_one_line("data.val_size=32 leaves no training images", load_data, "imagefolder", str(root), val_size=32)
-    raises_one_line("data.train_size=0 is not allowed", load_data, "synthetic", "", train_size=0)
+    assert problems(compose(["data=synthetic", "data.train_size=0"])) == [
+        "data.train_size must be a positive integer or null; got 0"]
 
 
 def test_validation_split_is_disjoint_stratified_and_replaces_test(tmp_path):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -178,17 +177,6 @@ def bf16_peak_tflops(device_name: str) -> float | None:
         if name in device_name:
             return peak
     return None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def synchronize(device: torch.device) -> None:

@@ -301,7 +301,14 @@ def problems(cfg: DictConfig) -> list[str]:
     one_of("data.name", DATASET_NAMES)
     for key in ("train_size", "test_size", "val_size"):
         optional_positive_int(f"data.{key}")
+    if cfg.data.name in ("cifar10", "imagefolder") and cfg.data.root is None:
+        found.append(f"data.root must be the folder that holds (or will hold) the images for data={cfg.data.name} "
+                     "(imagefolder: train/<class>/* and test/<class>/*, e.g. data.root=data/cifar10-jpeg); got None")
     if cfg.data.name == "synthetic":  # generated: the sizes are what is made, not a subset of what exists
+        # null means "all the images", and generated data has no all (a validation split replaces the test set).
+        if cfg.data.train_size is None or (cfg.data.test_size is None and cfg.data.val_size is None):
+            found.append("data=synthetic generates data.train_size training and data.test_size test images: "
+                         "give both as numbers, not null")
         sizes = [cfg.data.train_size, cfg.data.test_size]
         if all(_is_int(size) for size in sizes) and sum(sizes) > MAX_SYNTHETIC_IMAGES:
             found.append(f"data.train_size={sizes[0]} and data.test_size={sizes[1]} with data=synthetic make "
@@ -310,9 +317,6 @@ def problems(cfg: DictConfig) -> list[str]:
     need(_is_int(padding) and 0 <= padding <= 16, "data.augment.padding", "an integer from 0 to 16")
     need(isinstance(cfg.data.augment.flip, bool), "data.augment.flip", "true or false")
     need(isinstance(cfg.data.resize, bool), "data.resize", "true or false")
-    if cfg.data.name == "imagefolder":
-        need(cfg.data.root is not None, "data.root",
-             "the folder holding train/<class>/* and test/<class>/* for data=imagefolder (e.g. data.root=data/cifar10-jpeg)")
 
     # Several runs at once on this machine: resexp sweep gpus=... runs_per_gpu=... (slots.slot_overrides).
     gpus = OmegaConf.select(cfg, "sweep.gpus", default=None)

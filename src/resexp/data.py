@@ -63,28 +63,18 @@ def load_data(
     (``test_size`` then has nothing to act on and is ignored).
     ``synthetic`` ignores ``root`` and generates exactly the sizes asked for (the config's
     data/synthetic.yaml sets them).
+
+    The arguments come from a checked config (``config.problems``); what is checked here is what
+    only the files can tell: a missing or damaged data set, and sizes larger than what it holds.
     """
-    for key, value in (("train_size", train_size), ("test_size", test_size), ("val_size", val_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UsageError(
-                f"data.{key}={value!r} is not allowed: use a positive whole number, or null for all images"
-            )
-    if name in ("cifar10", "imagefolder") and root is None:
-        raise UsageError(f"data.root is not set: data={name} needs the folder that holds (or will hold) the images")
     if name == "cifar10":
         data = _load_cifar10(root, download)
     elif name == "imagefolder":
         data = _load_imagefolder(root, resize)
-    elif name == "synthetic":
-        # null means "all the images", and generated data has no all (a validation split replaces the test set).
-        if train_size is None or (test_size is None and val_size is None):
-            raise UsageError("data=synthetic generates data.train_size training and data.test_size test images: "
-                             "give both as numbers, not null")
+    else:  # synthetic
         # Generate the held-out images on top of train_size, so train_size means
         # the same thing (images trained on) with and without a validation split.
         data = make_synthetic(train_size + (val_size or 0), test_size or 0, seed)
-    else:
-        raise UsageError(f"data={name!r} is not a known data set: use one of {', '.join(DATASET_NAMES)}")
     return _select_subsets(data, train_size, test_size, val_size, seed)
 
 
@@ -277,7 +267,9 @@ def _decode_images(root: Path, paths: list[str], resize: bool) -> np.ndarray:
     # PIL releases the GIL while decoding, so threads pay off for large images; for
     # 32x32 files its Python-side header parsing dominates and they gain little.
     chunk = 512
-    workers = max(1, min(8, os.cpu_count() or 1))
+    from .train import usable_cores  # train imports this module: imported when decoding starts
+
+    workers = min(8, usable_cores())
     with ThreadPoolExecutor(max_workers=workers) as executor:
         futures = [executor.submit(decode_range, s, min(s + chunk, len(paths))) for s in range(0, len(paths), chunk)]
         for future in futures:
@@ -551,9 +543,7 @@ class TrainBatches:
         flip: bool = True,
     ):
         count = len(images)
-        if batch_size < 1:
-            raise UsageError(f"schedule.batch_size={batch_size} is not allowed: use a positive whole number")
-        if batch_size > count:
+        if batch_size > count:  # the one check the config cannot make: it depends on the images found
             raise UsageError(f"schedule.batch_size={batch_size} is larger than the training set ({count} images)")
         if len(labels) != count:
             raise ValueError(f"{count} images but {len(labels)} labels")

@@ -1073,10 +1073,10 @@ def _summary_markdown(rows: list[dict], eval_set: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     footer = [
         "",
-        f"Errors in percent: mean ± std over the n seeds counted (std is the sample standard "
-        f"deviation, ddof=1; none for a single seed). Training error is measured on the augmented "
-        f"training batches since the previous evaluation. Diverged runs are excluded from the means; "
-        f"when some seeds are done, only the done ones are counted.",
+        "Errors in percent: mean ± std over the n seeds counted (std is the sample standard "
+        "deviation, ddof=1; none for a single seed). Training error is measured on the augmented "
+        "training batches since the previous evaluation. Diverged runs are excluded from the means; "
+        "when some seeds are done, only the done ones are counted.",
         "Best = lowest {0} error any counted seed reached. Paper = He et al. 2015, Table 6 "
         "(ResNet-110: best of 5 runs, mean 6.61 ± 0.16), shown only for the paper's nets (conv ResNets, "
         "basic blocks, option-A shortcuts); the paper reports plain nets only in Figure 6.".format(eval_name),

@@ -179,6 +179,18 @@ def check_machine(cfg: DictConfig) -> None:
     resolve_cuda_graph(cfg.cuda_graph, device, resolve_precision(cfg.precision, device))
 
 
+def cpu_model() -> str:
+    """The CPU's name, for the records of where something ran."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def usable_cores() -> int:
     """Cores this process may run on (a cluster job or taskset may allow fewer than exist)."""
     if hasattr(os, "sched_getaffinity"):
@@ -526,8 +538,6 @@ def environment(device: torch.device) -> dict:
     ``resexp bench``'s records (which adds the GPU's peak and the load average).
     """
     import torchvision
-
-    from .bench import cpu_model
 
     source = Path(__file__).resolve().parent
 
