@@ -27,7 +27,6 @@ from resexp.analyze import (
     analyze_lesion,
     analyze_responses,
     blocks_removed,
-    gradient_norms,
     parse_analyze_args,
     trained_runs,
 )
@@ -39,6 +38,7 @@ from resexp.models import (
     blocks,
     build_model,
     count_parameters,
+    gradient_norms,
     response_modules,
     weighted_layers,
 )

@@ -47,8 +47,7 @@ from torch import nn
 from .data import load_data, normalize, pixel_mean, stratified_indices
 from .errors import UsageError
 from .files import CHECKPOINT, atomic_write, atomic_write_text, existing_folder, parse_folder_args
-# gradient_norms lives beside the nets so that the trainer can log it without importing this module.
-from .models import ARCHS, Block, blocks, build_model_for, gradient_norms, response_modules  # noqa: F401
+from .models import ARCHS, Block, blocks, build_model_for, response_modules
 from .plots import (DEPTH_PALETTE, DPI, FIGURE_STYLE, RunRecord, family_of, fit_titles, load_runs, net_prefix,
                     panel_title)
 from .train import autocast, evaluate, resolve_precision
