@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,7 +219,11 @@ def test_the_same_sweep_started_twice_at_once_is_refused_in_one_line(tmp_path, c
     second = subprocess.run(command, env=cli_env, capture_output=True, text=True, timeout=300)
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
-    assert lines[-1].startswith("resexp: error:") and f"being trained by process {first.pid}" in lines[-1]
+    assert lines[-1].startswith("resexp: error:")
+    # The run's own process holds it: one started by the first sweep (one run = one process).
+    holder = int(lines[-1].split("being trained by process ")[1].split()[0])
+    parent = next(line for line in Path(f"/proc/{holder}/status").read_text().splitlines() if line.startswith("PPid:"))
+    assert int(parent.split()[1]) == first.pid, (holder, parent)
     assert first.wait(timeout=300) == 0, first.stderr.read()
     metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in metrics] == list(range(50, 401, 50))

@@ -1,20 +1,22 @@
-"""Several runs of a sweep at once on one machine: ``resexp sweep depth=20,56 gpus=0,1 runs_per_gpu=2``.
+"""The runs of a sweep on this machine, each in a process of its own (one run = one process).
 
-With ``gpus`` the sweeper hands its planned jobs here instead of to Hydra's launcher. There
-are ``len(gpus) x runs_per_gpu`` slots; each job trains in a process of its own
-(``python -m resexp.slots``, the end of this module) started in a free slot with
-``CUDA_VISIBLE_DEVICES`` set to that slot's GPU, so the run sees its GPU alone, as cuda:0.
-The job process composes the job's config from the same overrides and calls
-``resexp.sweep.run_job``, as a job of Hydra's local launcher does: the run folders, checks
-and skip/resume/retry rules are those of any sweep. It writes run_job's record (the run's
-result and what this call did with it) to a file the scheduler reads; its output goes to
-``<run>/slot.log``. A job process that ends without that record (killed, crashed) is a
-failed run.
+The sweeper hands its planned jobs here unless Hydra's submitit launcher submits them
+(``launcher=slurm`` or ``submitit_local``). Each job trains in a process of its own
+(``python -m resexp.slots``, the end of this module), which composes the job's config from
+its overrides and calls ``resexp.sweep.run_job``: the run folders, checks and
+skip/resume/retry rules are those of every sweep. It writes run_job's record (the run's
+result and what this call did with it) to a file the scheduler reads. A job process that
+ends without that record (killed, crashed) is a failed run.
+
+Without ``gpus`` there is one slot: the runs train one after another, their output in the
+terminal. With ``resexp sweep depth=20,56 gpus=0,1 runs_per_gpu=2`` there are
+``len(gpus) x runs_per_gpu`` slots, each job started in a free one with
+``CUDA_VISIBLE_DEVICES`` set to that slot's GPU (the run sees its GPU alone, as cuda:0) and
+its output in ``<run>/slot.log``.
 
 Ctrl-C or SIGTERM: each running job gets SIGINT (it finishes its step and saves a
-checkpoint), no other job starts, and once they have ended the sweep stops as an
-interrupted sweep of the local launcher does. A second signal is passed on as well:
-the jobs stop at once.
+checkpoint), no other job starts, and once they have ended the sweep stops as interrupted.
+A second signal is passed on as well: the jobs stop at once.
 """
 
 from __future__ import annotations
@@ -115,28 +117,29 @@ class Job:
     run: str               # the run folder's name
     run_dir: Path
     overrides: list[str]
-    gpu: int
+    gpu: int | None        # None: the machine as it is (no GPU of its own)
     process: subprocess.Popen
     record_file: Path      # where the job process writes run_job's record
     stops_sent: int = 0    # SIGINTs passed on to it
 
     @property
-    def log(self) -> Path:
-        return self.run_dir / LOG
+    def log(self) -> Path | None:
+        """Where its output goes: slot.log in a GPU slot; None for the terminal."""
+        return None if self.gpu is None else self.run_dir / LOG
 
 
-def run_in_slots(planned: list[dict], sweep_dir: Path, gpus: list[int], runs_per_gpu: int,
+def run_in_slots(planned: list[dict], sweep_dir: Path, gpus: list[int] | None = None, runs_per_gpu: int = 1,
                  extra_overrides: list[str] = ()) -> list:
-    """Train the planned jobs, up to ``len(gpus) x runs_per_gpu`` at once.
+    """Train the planned jobs one after another, or with ``gpus`` up to ``len(gpus) x runs_per_gpu`` at once.
 
-    Returns one Hydra ``JobReturn`` per job, in the planned order, holding run_job's record, so
-    that ``resexp.sweep.finished_record`` reads them as it reads the local launcher's. After SIGINT
+    Returns one Hydra ``JobReturn`` per job, in the planned order, holding run_job's record, as
+    Hydra's launchers report a job (``resexp.sweep.finished_record`` reads them). After SIGINT
     or SIGTERM, raises RunInterrupted once every running job has ended.
     """
     from .signals import RunInterrupted
 
     # One entry per free slot; this order puts the first runs on different GPUs.
-    free_gpus = [gpu for _ in range(runs_per_gpu) for gpu in gpus]
+    free_gpus = [None] if gpus is None else [gpu for _ in range(runs_per_gpu) for gpu in gpus]
     threads = threads_per_job(len(free_gpus))
     waiting = list(range(len(planned)))
     running: list[Job] = []
@@ -172,15 +175,18 @@ def threads_per_job(slots: int) -> int:
     return threads
 
 
-def job_environment(gpu: int, threads: int) -> dict[str, str]:
-    """A job's environment: its GPU alone, and its share of the CPU cores for every thread pool,
-    Inductor's compile workers included (by default it starts one per core, in every job)."""
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": str(threads),
-            "MKL_NUM_THREADS": str(threads), "TORCHINDUCTOR_COMPILE_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+def job_environment(gpu: int | None, threads: int) -> dict[str, str]:
+    """A job's environment: its GPU alone (if it has one), and its share of the CPU cores for every
+    thread pool, Inductor's compile workers included (by default it starts one per core, in every job)."""
+    gpu_alone = {} if gpu is None else {"CUDA_VISIBLE_DEVICES": str(gpu)}
+    return {**os.environ, **gpu_alone, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "TORCHINDUCTOR_COMPILE_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
-def start_job(number: int, total: int, job: dict, sweep_dir: Path, gpu: int, threads: int,
+def start_job(number: int, total: int, job: dict, sweep_dir: Path, gpu: int | None, threads: int,
               scratch: Path, extra_overrides: list[str]) -> Job:
+    from .sweep import sweep_eta
+
     run_dir = sweep_dir / job["run"]
     run_dir.mkdir(parents=True, exist_ok=True)
     record_file = scratch / f"job-{number}.json"
@@ -189,6 +195,13 @@ def start_job(number: int, total: int, job: dict, sweep_dir: Path, gpu: int, thr
     atomic_write_json(spec_file, {"run_dir": str(run_dir), "overrides": overrides})
     command = [sys.executable, "-m", "resexp.slots", "--record", str(record_file),
                "--scheduler-pid", str(os.getpid()), str(spec_file)]
+    # A session of its own: a Ctrl-C in the terminal reaches the scheduler alone, which passes it on once.
+    start = dict(stdin=subprocess.DEVNULL, env=job_environment(gpu, threads), start_new_session=True)
+    if gpu is None:  # one run at a time: its progress bar and messages in the terminal
+        print(f"[sweep {number + 1}/{total}] {job['run']}{sweep_eta(sweep_dir, number, total)}",
+              file=sys.stderr, flush=True)
+        process = subprocess.Popen(command, **start)
+        return Job(number, job["run"], run_dir, overrides, gpu, process, record_file)
     log_path = run_dir / LOG
     print(f"[sweep {number + 1}/{total}] {job['run']} on GPU {gpu} (output: {log_path})", file=sys.stderr, flush=True)
     # Appended to, so that the output of an earlier attempt (a failure, say) stays readable.
@@ -196,9 +209,7 @@ def start_job(number: int, total: int, job: dict, sweep_dir: Path, gpu: int, thr
         log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {job['run']}: CUDA_VISIBLE_DEVICES={gpu}, "
                   f"{threads} CPU thread(s)\n")
         log.flush()
-        # A session of its own: a Ctrl-C in the terminal reaches the scheduler alone, which passes it on once.
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   env=job_environment(gpu, threads), start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **start)
     return Job(number, job["run"], run_dir, overrides, gpu, process, record_file)
 
 
@@ -229,7 +240,7 @@ def ended_without_record(job: Job) -> dict:
     """A failed run's record for a job process that ended without reporting (killed, crashed)."""
     code = job.process.returncode
     how = f"signal {signal_name(-code)}" if code < 0 else f"exit code {code}"
-    message = f"its process ended with {how} before reporting a result; see {job.log}"
+    message = f"its process ended with {how} before reporting a result; see {job.log or 'its output above'}"
     result = read_json_object(job.run_dir / RESULT) or {}
     record = {**result, "run_name": job.run, "error": message}
     if result.get("status") == "running":  # it died while training: say so where resexp status looks

@@ -499,8 +499,9 @@ def make_train_step(model, optimizer, scaler, amp, *, compile: bool, cuda_graph:
 
     A run that compiles starts from a clean compile cache. Dynamo keeps at most ``recompile_limit``
     (8) compiled versions of a function, and every net in a process shares the module-calling code:
-    the nets of a sweep trained one after another in one process would use the slots up and train
-    uncompiled after a warning. The earlier run's compiled code is of no use to this one.
+    nets trained one after another in one process (a sweep's job process trains one, but tests and
+    scripts call ``train`` many times) would use the slots up and train uncompiled after a warning.
+    The earlier run's compiled code is of no use to this one.
     """
     if compile:
         torch._dynamo.reset()

@@ -4,11 +4,10 @@ Hydra finds sweepers only under the ``hydra_plugins`` package; the logic lives i
 ``resexp.sweep``, imported when a sweep starts so that Hydra's plugin scan stays cheap.
 
 The sweeper plans the jobs (``resexp.sweep.plan_jobs``: every config composed and checked,
-each run folder named, finished runs found) and hands them to one of three executors:
+each run folder named, finished runs found) and hands them on, one run to a process:
 
-- Hydra's launcher (``launcher=local``, the default): ``launch``, one run after another here.
-- ``resexp.slots`` (``gpus=...``, i.e. ``sweep.gpus``): several at once on this machine, one
-  process and one GPU each.
+- ``launcher=local`` (the default): ``resexp.slots`` trains them on this machine, one after
+  another, or with ``gpus=...`` (``sweep.gpus``) several at once, one GPU each.
 - submitit (``launcher=slurm`` or ``launcher=submitit_local``): the jobs are submitted as one
   array with the launcher's settings and the launcher as each job's callable, as the launcher's
   own ``launch`` does (``submit_to_submitit``). Two things differ, which its ``launch`` cannot
@@ -123,12 +122,10 @@ class ResexpSweeper(Sweeper):
             results = [job_result(submitted[n], sweep_dir / job["run"], ended[submitted[n].job_id])
                        if n in submitted else returned({**finished[n], "outcome": "skipped"})
                        for n, job in enumerate(planned)]
-        elif gpus is not None:
-            # Several jobs at once on this machine, each in its own process with one GPU (resexp.slots).
+        else:
+            # One run = one process, on this machine: one after another, or side by side in GPU slots.
             results = slots.run_in_slots(planned, sweep_dir, gpus, self.config.sweep.runs_per_gpu,
                                          extra_overrides=config_dirs(self.hydra_context.config_loader))
-        else:
-            results = self.launcher.launch(job_overrides, initial_job_idx=0)
         resexp_sweep.write_sweep_record(sweep_dir, resexp_sweep.finished_record(sweep_dir, record, results))
         return [results]
 
