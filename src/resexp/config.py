@@ -145,7 +145,11 @@ def config_folder() -> Path:
 
 def _config_file(relative: str) -> dict:
     """One file of conf/ as it is written (no composition, no interpolation)."""
-    return OmegaConf.to_container(OmegaConf.create((config_folder() / relative).read_text()), resolve=False) or {}
+    return _parsed((config_folder() / relative).read_text())
+
+
+def _parsed(text: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.create(text), resolve=False) or {}
 
 
 def _leaves(node: dict, prefix: str = "") -> list[str]:
@@ -192,9 +196,8 @@ def known_keys(config_name: str = "config") -> tuple[str, ...]:
         if path.parent.name in ("hydra", "experiment"):  # Hydra's own settings; presets set no new keys
             continue
         text = path.read_text()
-        node = OmegaConf.to_container(OmegaConf.create(text), resolve=False) or {}
-        global_package = path.parent == root or "@package _global_" in text
-        add(node, "" if global_package else f"{path.parent.name}.")
+        global_package = path.parent == root or "@package _global_" in text  # a header comment: read the text
+        add(_parsed(text), "" if global_package else f"{path.parent.name}.")
     return tuple(sorted(keys))
 
 

@@ -782,9 +782,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, *, stop_after: int | None
     Returns the run's result dict, with ``outcome`` saying what this call did: ``trained``,
     ``resumed``, ``skipped`` (already finished), ``diverged`` or ``stopped`` (``stop_after``
     reached; tests use it to simulate an interruption). A stop signal saves a checkpoint and
-    raises ``RunInterrupted``.
+    raises ``RunInterrupted``. ``cfg`` was checked (``config.check``, ``check_machine``) by the
+    command that started the run.
     """
-    config_module.check(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
