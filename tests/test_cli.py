@@ -191,6 +191,7 @@ CASES = [
     Case("train-multirun-flag", ("train", "-m"), ("-m", "resexp sweep")),
     Case("sweep-one-bad-value", ("sweep", "depth=20,21"), (token("21"),)),
     Case("sweep-duplicate-key", ("sweep", "depth=20", "depth=56"), ("depth=20", "depth=56")),
+    Case("train-duplicate-key", ("train", "depth=20", "depth=56"), ("depth is given twice", "depth=20", "depth=56")),
     Case("sweep-bad-lr", ("sweep", "schedule.lr=0.1,-1"), ("schedule.lr", token("-1"))),
     Case("plot-missing-folder", ("plot", "{inputs}/no-such-sweep"), ("{inputs}/no-such-sweep",)),
     Case("plot-without-folder", ("plot",), ("resexp plot", "folder")),

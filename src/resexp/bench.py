@@ -122,22 +122,13 @@ def bench_config(overrides: list[str]) -> DictConfig:
 
 
 def check_arguments(overrides: list[str]) -> None:
-    """KEY=VALUE arguments, one value per key: Hydra keeps the last of ``depth=20 depth=56`` without a
-    word, and reads ``depth=20,56`` as a sweep."""
-    from .sweep import parse_overrides
+    """KEY=VALUE arguments, one value per key."""
+    from .sweep import check_one_setting, parse_overrides
 
     for arg in overrides:
         if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):  # ~KEY deletes a key, as in Hydra
             raise UsageError(f"resexp bench takes KEY=VALUE arguments, --help and --cfg job; got {arg!r}")
-    seen: set[str] = set()
-    for override in parse_overrides(overrides):
-        key = override.get_key_element()
-        if key in seen:
-            raise UsageError(f"{key} is given twice; give each key once")
-        if override.is_sweep_override():
-            raise UsageError(f"{override.input_line} gives several values; resexp bench measures one setting: "
-                             "run it once per value")
-        seen.add(key)
+    check_one_setting(parse_overrides(overrides), "bench")
 
 
 def reference_workers(cfg: DictConfig) -> int:

@@ -237,12 +237,9 @@ def train_command(args: list[str]) -> int:
     if "-m" in flags or "--multirun" in flags:
         raise UsageError("resexp train runs one net; use resexp sweep for several (drop -m/--multirun)")
     if not INFO_FLAGS.intersection(flags):
-        from .sweep import parse_overrides
+        from .sweep import check_one_setting, parse_overrides
 
-        for override in parse_overrides(overrides):
-            if override.is_sweep_override():
-                raise UsageError(f"{override.input_line} gives several values; resexp train runs one net, "
-                                 f"resexp sweep runs one per value")
+        check_one_setting(parse_overrides(overrides), "train")
         cfg = config_module.compose(overrides + extra_search_path(flags))
         config_module.check(cfg)
         # Before Hydra writes its records into the run folder: a refused command changes nothing there.

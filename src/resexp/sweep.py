@@ -47,9 +47,19 @@ def check_no_duplicates(overrides: list) -> None:
     for override in overrides:
         key = override.get_key_element()
         if key in seen:
-            raise UsageError(f"{key} is given twice ({seen[key]} and {override.input_line}); "
-                             f"give one {key}=... with a comma-separated list to sweep several values")
+            raise UsageError(f"{key} is given twice ({seen[key]} and {override.input_line}); give it once "
+                             f"(resexp sweep takes several values as one list: {key}=V1,V2)")
         seen[key] = override.input_line
+
+
+def check_one_setting(overrides: list, command: str) -> None:
+    """``resexp train`` and ``resexp bench`` take one value of each key: Hydra would keep the last of
+    ``depth=20 depth=56`` without a word, and read ``depth=20,56`` as a sweep."""
+    check_no_duplicates(overrides)
+    for override in overrides:
+        if override.is_sweep_override():
+            raise UsageError(f"{override.input_line} gives several values; resexp {command} runs one setting, "
+                             f"resexp sweep runs one per value")
 
 
 def sweep_name(overrides: list) -> str:
