@@ -184,3 +184,16 @@ def test_the_config_files_alone_say_which_keys_a_job_has_and_what_the_papers_net
     for data in ("imagefolder", "synthetic"):  # every data set and schedule has the keys too
         assert set(config_module.required_keys()) <= set(leaves(OmegaConf.to_container(
             compose([f"data={data}", "schedule=smoke"]), resolve=False)))
+
+
+def test_a_sweep_over_list_values_trains_each_in_its_own_folder(tmp_path, monkeypatch):
+    """Values with commas in them ([2,4]) end up in folder names, which go to Hydra quoted."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sweep", "arch=resnet", "depth=8", "schedule=smoke", "data=synthetic", "progress=false",
+                     "device=cpu", "schedule.milestones=[2,4],[3,5]"]) == 0
+    [sweep_dir] = list((tmp_path / "outputs").iterdir())
+    runs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(runs) == 2 and all("milestones" in run.name for run in runs)
+    assert [list(OmegaConf.load(run / "config.yaml").schedule.milestones) for run in runs] == [[2, 4], [3, 5]]
