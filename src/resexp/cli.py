@@ -1,8 +1,10 @@
-"""The ``resexp`` command: train, sweep, plot.
+"""The ``resexp`` command: train, sweep, plot, status, analyze, bench.
 
 ``train`` and ``sweep`` are Hydra applications (so ``--help``, ``--cfg job`` and every
-``key=value`` override work as Hydra users expect); ``plot`` only reads folders.
-Before Hydra starts a run, the overrides are composed and checked here, so that a
+``key=value`` override work as Hydra users expect); ``plot``, ``status`` and ``analyze``
+read folders (``files.parse_folder_args``); ``bench`` composes the same config
+(``bench.py``). Before Hydra starts a run, ``train``'s overrides are composed and checked
+here; a sweep's jobs are checked by its sweeper (``sweep.plan_jobs``) before any trains. A
 mistake is one line on stderr with exit code 2 instead of a traceback.
 """
 

@@ -3,9 +3,11 @@
 ``resexp sweep depth=20,56,110`` is a Hydra multirun. Its sweeper (``ResexpSweeper``,
 in ``hydra_plugins/resexp_sweeper``) expands the grid with Hydra's override grammar,
 adds ``arch=plain,resnet`` unless the command says otherwise, leaves out the runs a
-preset excludes, checks every job's config before any trains, names each run folder
-from its config values, and hands the jobs to Hydra's launcher (local by default).
-Each job trains one run and records its outcome; a failing run never stops the others.
+preset excludes, checks every job's config (and what it needs of this machine) before any
+trains, names each run folder from its config values, finds the finished runs, and hands
+the jobs on: to ``resexp.slots`` on this machine (the default), or to Hydra's submitit
+launcher. Each job is one run in a process of its own, which records its outcome; a failing
+run never stops the others.
 The sweep command then draws the figures from the folders on disk.
 
 Running the same command again resumes the sweep: finished runs are skipped,
