@@ -301,8 +301,8 @@ def sweep_command(args: list[str]) -> int:
                  else o.input_line for o in parsed]
         run_hydra_app(sweep_app, [*flags, *first])
         return 0
-    sweep_module.check_no_duplicates(parsed)
-    # The sweep's folder; each job's config is composed and checked by the sweeper (sweep.plan_jobs).
+    # The sweep's folder (a fixed override Hydra cannot compose is one line here, not Hydra's traceback);
+    # the sweeper expands the grid and composes and checks each job (sweep.expand_grid, sweep.plan_jobs).
     base = config_module.compose([o.input_line for o in parsed if not o.is_sweep_override()]
                                  + extra_search_path(flags))
     named = [o.get_value_element_as_str() for o in parsed if o.get_key_element() == "name"]
