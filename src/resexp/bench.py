@@ -581,13 +581,9 @@ def load_images(cfg: DictConfig):
     from .data import load_data
 
     wanted = cfg.data
-    images = load_data(wanted.name, wanted.root, train_size=wanted.train_size, test_size=wanted.test_size,
-                       val_size=wanted.val_size, resize=wanted.resize, download=wanted.download, seed=cfg.seed)
-    batch_size, available = cfg.schedule.batch_size, len(images.train_images)
-    if batch_size > available:
-        raise UsageError(f"schedule.batch_size={batch_size} is larger than the training set "
-                         f"({available} images): use at most {available}")
-    return images
+    # A batch larger than these images is refused by TrainBatches, as in resexp train.
+    return load_data(wanted.name, wanted.root, train_size=wanted.train_size, test_size=wanted.test_size,
+                     val_size=wanted.val_size, resize=wanted.resize, download=wanted.download, seed=cfg.seed)
 
 
 def out_of_memory(batch_size: int) -> UsageError:

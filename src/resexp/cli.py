@@ -312,7 +312,8 @@ def sweep_command(args: list[str]) -> int:
     exit_code = 0
     register_sweeper()
     try:
-        run_hydra_app(sweep_app, ["-m", *flags, *[o for o in overrides if not o.startswith("name=")], f"name='{name}'"])
+        run_hydra_app(sweep_app, ["-m", *flags, *[o for o in overrides if not o.startswith("name=")],
+                                  sweep_module.literal_override("name", name)])
     except RunInterrupted as interrupt:
         print("sweep interrupted; run the same command to resume it", file=sys.stderr)
         exit_code = interrupt.exit_code

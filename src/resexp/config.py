@@ -374,8 +374,8 @@ def bench_problems(cfg: DictConfig) -> list[str]:
     need(values["measure"] in BENCH_MEASURES, "measure", "one of " + ", ".join(BENCH_MEASURES))
     need(path is None or (isinstance(path, str) and path.strip() != ""), "json",
          "the path of the record to write, or null for one under outputs/bench/")
-    if isinstance(path, str) and path.strip() and unwritable_reason(path):
-        found.append(f"bench.json={path} cannot be written: {unwritable_reason(path)}; "
+    if isinstance(path, str) and path.strip() and (reason := unwritable_reason(path)):
+        found.append(f"bench.json={path} cannot be written: {reason}; "
                      "give a file path in a folder that exists or can be made")
     return found
 

@@ -544,7 +544,8 @@ class TrainBatches:
     ):
         count = len(images)
         if batch_size > count:  # the one check the config cannot make: it depends on the images found
-            raise UsageError(f"schedule.batch_size={batch_size} is larger than the training set ({count} images)")
+            raise UsageError(f"schedule.batch_size={batch_size} is larger than the training set ({count} images): "
+                             f"use at most {count}")
         if len(labels) != count:
             raise ValueError(f"{count} images but {len(labels)} labels")
         self.images = images

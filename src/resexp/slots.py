@@ -185,7 +185,7 @@ def job_environment(gpu: int | None, threads: int) -> dict[str, str]:
 
 def start_job(number: int, total: int, job: dict, sweep_dir: Path, gpu: int | None, threads: int,
               scratch: Path, extra_overrides: list[str]) -> Job:
-    from .sweep import sweep_eta
+    from .sweep import job_header
 
     run_dir = sweep_dir / job["run"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,18 +198,18 @@ def start_job(number: int, total: int, job: dict, sweep_dir: Path, gpu: int | No
     # A session of its own: a Ctrl-C in the terminal reaches the scheduler alone, which passes it on once.
     start = dict(stdin=subprocess.DEVNULL, env=job_environment(gpu, threads), start_new_session=True)
     if gpu is None:  # one run at a time: its progress bar and messages in the terminal
-        print(f"[sweep {number + 1}/{total}] {job['run']}{sweep_eta(sweep_dir, number, total)}",
-              file=sys.stderr, flush=True)
+        print(job_header(sweep_dir, job["run"], number, total), file=sys.stderr, flush=True)
         process = subprocess.Popen(command, **start)
-        return Job(number, job["run"], run_dir, overrides, gpu, process, record_file)
-    log_path = run_dir / LOG
-    print(f"[sweep {number + 1}/{total}] {job['run']} on GPU {gpu} (output: {log_path})", file=sys.stderr, flush=True)
-    # Appended to, so that the output of an earlier attempt (a failure, say) stays readable.
-    with open(log_path, "a") as log:
-        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {job['run']}: CUDA_VISIBLE_DEVICES={gpu}, "
-                  f"{threads} CPU thread(s)\n")
-        log.flush()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **start)
+    else:
+        log_path = run_dir / LOG
+        print(f"[sweep {number + 1}/{total}] {job['run']} on GPU {gpu} (output: {log_path})",
+              file=sys.stderr, flush=True)
+        # Appended to, so that the output of an earlier attempt (a failure, say) stays readable.
+        with open(log_path, "a") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {job['run']}: CUDA_VISIBLE_DEVICES={gpu}, "
+                      f"{threads} CPU thread(s)\n")
+            log.flush()
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **start)
     return Job(number, job["run"], run_dir, overrides, gpu, process, record_file)
 
 

@@ -43,6 +43,12 @@ def parse_overrides(arguments: list[str]):
         raise UsageError(config_module.hydra_error_line(error)) from error
 
 
+def literal_override(key: str, value: str) -> str:
+    """``key='value'``: Hydra takes a quoted value as it is, commas (``milestones_2,4``) and all.
+    The folder names made here come from ``config._safe``, which leaves no quote in them."""
+    return f"{key}='{value}'"
+
+
 def check_no_duplicates(overrides: list) -> None:
     """Hydra silently keeps the last of ``depth=20 depth=56``; we refuse it."""
     seen: dict[str, str] = {}
@@ -171,8 +177,8 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
         # What is left to train, for the cost line before the sweep and the ETA during it. The
         # composed config and the finished run's result go along for the sweeper (not into sweep.json).
         # The folder's name goes to the job as it is: nothing names a run folder twice.
-        planned.append({"run": run, "overrides": [*overrides, f"hydra.sweep.subdir='{run}'"], "cost": 0.0 if finished else run_cost(cfg, run_dir),
-                        "config": cfg, "finished": finished})
+        planned.append({"run": run, "overrides": [*overrides, literal_override("hydra.sweep.subdir", run)],
+                        "cost": 0.0 if finished else run_cost(cfg, run_dir), "config": cfg, "finished": finished})
     if found:
         unique = list(dict.fromkeys(found))
         raise UsageError(f"the sweep has {len(unique)} problem(s), nothing was run: " + "; ".join(unique))
@@ -208,8 +214,7 @@ def run_job(cfg: DictConfig, run_dir, job_number: int | None = None) -> dict:
     run_dir = Path(run_dir)
     total = cfg.sweep.size
     if job_number is not None and total:
-        print(f"[sweep {job_number + 1}/{total}] {run_dir.name}{sweep_eta(run_dir.parent, job_number, total)}",
-              file=sys.stderr, flush=True)
+        print(job_header(run_dir.parent, run_dir.name, job_number, total), file=sys.stderr, flush=True)
     try:
         return train(cfg, run_dir)
     except RunInUse as error:  # its records belong to the process training it: leave them alone
@@ -237,6 +242,11 @@ def job_return(overrides: list[str], run_dir: Path, record: dict | None):
 
     return JobReturn(overrides=overrides, working_dir=str(run_dir), task_name="resexp",
                      status=JobStatus.COMPLETED, _return_value=record)
+
+
+def job_header(sweep_dir: Path, run: str, job_number: int, total: int) -> str:
+    """The line a sweep prints as one of its runs starts: its place in the sweep, and the ETA of the rest."""
+    return f"[sweep {job_number + 1}/{total}] {run}{sweep_eta(sweep_dir, job_number, total)}"
 
 
 def sweep_eta(sweep_dir: Path, job_number: int, total: int) -> str:

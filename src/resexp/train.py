@@ -550,6 +550,7 @@ def environment(device: torch.device) -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     sha = git("rev-parse", "HEAD")
+    cpu = cpu_model()
     return {
         "git_sha": sha,
         "git_dirty": bool(git("status", "--porcelain")) if sha else None,
@@ -562,8 +563,8 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
-        "cpu_model": cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "cpu_model": cpu,
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),
         "cpu_threads": torch.get_num_threads(),

@@ -138,8 +138,8 @@ class ResexpSweeper(Sweeper):
 
 
 def submitit_cluster(config) -> str | None:
-    """submitit's name of the cluster the sweep's jobs go to (``slurm`` or ``local``); None for Hydra's
-    basic launcher."""
+    """submitit's name of the cluster the sweep's jobs go to (``slurm`` or ``local``); None for
+    ``launcher=local``, whose runs train here (resexp.slots)."""
     return {"slurm": "slurm", "submitit_local": "local"}.get(config.launcher.name)
 
 
