@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Prove the GPU path in one run, in at most GPU_CHECK_BUDGET_S seconds (default 480) on one GPU:
-#   1. the environment (GPU, driver, CUDA, torch, cuDNN)
+#   1. the environment (GPU, driver, CUDA, torch, cuDNN); a GPU that torch cannot use is an error
 #   2. the CUDA tests (pytest -m cuda)
-#   3. resexp bench for ResNet-20/56/110 at batch 128: eager, compiled, compiled + CUDA graph, and the
-#      reference pipeline; and the steady-state peak memory of ResNet-1202 in bf16
-#   4. a real-data sweep of the nine Figure-6 nets on a schedule scaled to the time left, several runs
-#      sharing the GPU (gpus=0 runs_per_gpu=K), with its wall time and figures
-#   5. report.md and record.json in one folder, for docs/benchmarks.md
-# Without a GPU it says so in one line, runs the same steps on tiny CPU settings (under a minute) and
-# exits 0, so that the test suite keeps the script working.
+#   3. the compile cache warmed once (the blocks of a plain and a residual net: every depth shares them)
+#   4. resexp bench: ResNet-20/56/110 at batch 128 (compiled + CUDA graph) against the reference
+#      pipeline, ResNet-56 eager, and the steady-state memory of ResNet-1202 in bf16
+#   5. a short real-data sweep with gpus=all, once with runs_per_gpu=1 and once with 3 (under NVIDIA
+#      MPS where the host lets it start): wall times, the speed-up, figures
+#   6. report.md, record.json, gpu-check.log and the sweep's two figures: five files in one folder
+# Every attempted step is a row of the report, with its fate: measured, failed, timed out, or skipped
+# and why. Without a GPU it says so in one line, runs the same steps on tiny CPU settings (under two
+# minutes; device=cpu) and exits 0, so that the test suite keeps the script working.
 #
 # usage: scripts/gpu-check.sh [OUT_DIR]        (default outputs/gpu-check)
 # A machine without hydra-core/omegaconf/antlr4 (or resexp) gets them from wheels in $GPU_CHECK_CARRY/wheels,
@@ -21,14 +23,43 @@ carry=${GPU_CHECK_CARRY:-.gpu-check}
 budget=${GPU_CHECK_BUDGET_S:-480}
 start=$SECONDS
 mkdir -p "$out"
-work="$out/work"
-rm -rf "$work"
-mkdir -p "$work"
+rm -f "$out"/report.md "$out"/record.json "$out"/curves.png "$out"/error_vs_depth.png
 log="$out/gpu-check.log"
 : >"$log"
+work=$(mktemp -d "${TMPDIR:-/tmp}/resexp-gpu-check.XXXXXX")
+mps_started=0
+finish() {
+  [ "$mps_started" = 1 ] && echo quit | nvidia-cuda-mps-control >>"$log" 2>&1
+  rm -rf "$work"
+}
+trap finish EXIT
+rows="$work/rows.tsv"  # one line per attempted step: name, fate, seconds, detail
+: >"$rows"
 
 say() { echo "gpu-check: $*" | tee -a "$log" >&2; }
 left() { echo $((budget - (SECONDS - start))); }
+row() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$rows"; }
+
+# attempt NAME LIMIT_S COMMAND...: run a step with a time limit and record its fate.
+attempt() {
+  local name=$1 limit=$2 began=$SECONDS status
+  shift 2
+  if [ "$limit" -lt 10 ]; then
+    say "$name: skipped (${limit}s left in the budget)"
+    row "$name" skipped 0 "not enough time left in the ${budget}s budget"
+    return 1
+  fi
+  say "$name (at most ${limit}s)"
+  timeout --signal=INT --kill-after=20 "$limit" "$@" >"$work/step.out" 2>&1
+  status=$?
+  cat "$work/step.out" >>"$log"
+  case $status in
+    0) row "$name" measured $((SECONDS - began)) "" ;;
+    124|137) row "$name" "timed out" $((SECONDS - began)) "stopped at its ${limit}s limit"; say "$name timed out" ;;
+    *) row "$name" failed $((SECONDS - began)) "exit code $status (see gpu-check.log)"; say "$name failed (exit $status)" ;;
+  esac
+  return $status
+}
 
 # --- Python with resexp ---------------------------------------------------------------------------
 python=${PYTHON:-}
@@ -46,77 +77,85 @@ if ! "$python" -c "import resexp.cli" 2>/dev/null; then
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   "$python" -c "import resexp.cli" 2>>"$log" || { say "resexp cannot be imported: see $log"; exit 1; }
 fi
-resexp() { "$python" -m resexp "$@"; }
 export PYTHONUNBUFFERED=1
-
-if "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
-  gpu=1
-else
-  gpu=0
-  say "no CUDA GPU here: running the CPU checks only (tiny settings), no GPU figures"
-fi
+# One compile cache for every step, empty at the start: the warm-up's compile time is a cold one.
+export TORCHINDUCTOR_CACHE_DIR="$work/inductor-cache"
 
 # --- 1. the environment ---------------------------------------------------------------------------
-"$python" - "$work/environment.json" <<'EOF' 2>>"$log"
+mode=$("$python" - "$work/environment.json" <<'EOF' 2>>"$log"
 import json, platform, subprocess, sys
 import torch
+from resexp.machine import usable_cores
+from resexp.step import nvidia_driver_version, unusable_gpu_problem
+
+usable = torch.cuda.is_available()
 record = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-          "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-          if torch.cuda.is_available() else None, "driver": None, "cpu_cores": len(__import__("os").sched_getaffinity(0))}
+          "gpu": torch.cuda.get_device_name(0) if usable else None,
+          "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if usable else None,
+          "gpu_count": torch.cuda.device_count() if usable else 0,
+          "driver": nvidia_driver_version(), "cpu_cores": usable_cores(), "unusable_gpu": unusable_gpu_problem()}
 try:
-    record["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                      capture_output=True, text=True, timeout=20).stdout.strip() or None
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+    record["driver"] = smi[0] if smi else record["driver"]
 except (OSError, subprocess.SubprocessError):
     pass
 json.dump(record, open(sys.argv[1], "w"), indent=1)
+print("gpu" if usable else "unusable" if record["unusable_gpu"] else "cpu")
 EOF
+)
+case $mode in
+  gpu) device=cuda ;;
+  cpu) device=cpu; say "no CUDA GPU here: running the CPU checks only (tiny settings), no GPU figures" ;;
+  unusable) say "an NVIDIA driver is present but torch cannot use the GPU (see report.md); nothing measured"
+     row "GPU" failed 0 "torch cannot use the GPU this machine has"
+     device=none ;;
+  *) say "the environment could not be read (see $log)"; exit 1 ;;
+esac
+gpu=0; [ "$mode" = gpu ] && gpu=1
 
 # --- 2. the CUDA tests ----------------------------------------------------------------------------
 if [ $gpu = 1 ]; then
-  say "CUDA tests"
-  timeout 180 "$python" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py >"$work/cuda-tests.txt" 2>&1
-  echo "exit $?" >>"$work/cuda-tests.txt"
-else
-  echo "skipped: no CUDA GPU" >"$work/cuda-tests.txt"
+  attempt "CUDA tests" $(( $(left) < 150 ? $(left) : 150 )) \
+    "$python" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
+  grep -E "passed|failed|error|skipped" "$work/step.out" | tail -1 >"$work/cuda-tests.txt"
+elif [ "$mode" = cpu ]; then
+  row "CUDA tests" skipped 0 "no CUDA GPU"
 fi
 
-# --- 3. benchmarks --------------------------------------------------------------------------------
+# --- 3 and 4. the compile cache, then benchmarks ----------------------------------------------------
+bench() {  # bench NAME LIMIT ARGS...: one resexp bench row, its record in $work/bench-NAME.json
+  local name=$1 limit=$2
+  shift 2
+  attempt "bench $name" "$limit" "$python" -m resexp bench "$@" device=$device bench.json="$work/bench-$name.json"
+}
+capped() { local limit=$(( $(left) - $2 )); echo $(( limit < $1 ? limit : $1 )); }  # capped MAX RESERVE
 if [ $gpu = 1 ]; then
-  depths="20 56 110"
-  bench_args="schedule.batch_size=128 bench.steps=30 bench.warmup=5 bench.windows=3"
-  bench_limit=60
-else
-  depths="8"
-  bench_args="schedule.batch_size=32 bench.steps=2 bench.warmup=1 bench.windows=1 data.train_size=256 bench.workers=0"
-  bench_limit=60
-fi
-for depth in $depths; do
-  for mode in eager compiled graphed; do
-    case $mode in
-      eager) flags="compile=false cuda_graph=false bench.reference=false" ;;
-      compiled) flags="compile=true cuda_graph=false bench.reference=false" ;;
-      graphed) flags="compile=true cuda_graph=auto bench.reference=true" ;;
-    esac
-    [ $gpu = 0 ] && [ $mode != eager ] && continue  # compiling on a CPU takes minutes
-    [ $gpu = 0 ] && flags="compile=false cuda_graph=false bench.reference=true"
-    limit=$(( $(left) - 200 < bench_limit ? $(left) - 200 : bench_limit ))
-    if [ $gpu = 1 ] && [ "$limit" -lt 20 ]; then say "no time left for bench $depth $mode"; continue; fi
-    [ $gpu = 0 ] && limit=$bench_limit
-    say "bench resnet-$depth $mode"
+  quick="schedule.batch_size=128 bench.steps=1 bench.warmup=1 bench.windows=1 bench.reference=false"
+  # ResNet-14 has every block shape of the CIFAR nets (each stage's first block and the rest): after these
+  # two, any depth finds its compiled blocks in the cache.
+  for arch in resnet plain; do
     # shellcheck disable=SC2086
-    timeout "$limit" "$python" -m resexp bench depth=$depth $bench_args $flags bench.json="$work/bench-$depth-$mode.json" \
-      >>"$log" 2>&1 || say "bench resnet-$depth $mode did not finish (see $log)"
+    bench "warm-$arch" "$(capped 90 240)" arch=$arch depth=14 compile=true cuda_graph=auto $quick
   done
-done
-if [ $gpu = 1 ]; then
-  say "bench ResNet-1202 memory"
-  timeout 90 "$python" -m resexp bench bench.measure=memory depth=1202 precision=bf16 compile=false \
-    bench.json="$work/memory-1202.json" >>"$log" 2>&1 || say "ResNet-1202 memory did not finish (see $log)"
+  steady="schedule.batch_size=128 bench.steps=30 bench.warmup=5 bench.windows=3"
+  for depth in 20 56 110; do
+    # shellcheck disable=SC2086
+    bench "$depth-graphed" "$(capped 60 200)" depth=$depth compile=true cuda_graph=auto bench.reference=true $steady
+  done
+  # shellcheck disable=SC2086
+  bench "56-eager" "$(capped 45 180)" depth=56 compile=false cuda_graph=false bench.reference=false $steady
+  bench "1202-memory" "$(capped 60 170)" bench.measure=memory depth=1202 precision=bf16 compile=false
+elif [ "$mode" = cpu ]; then
+  bench "8-eager" 60 depth=8 compile=false cuda_graph=false bench.reference=true schedule.batch_size=32 \
+    bench.steps=2 bench.warmup=1 bench.windows=1 data.train_size=256 bench.workers=0
+  for name in "warm-resnet" "warm-plain" "20-graphed" "56-graphed" "110-graphed" "56-eager" "1202-memory"; do
+    row "bench $name" skipped 0 "needs a CUDA GPU (compiling on a CPU takes minutes)"
+  done
 fi
 
-# --- 4. the Figure-6 sweep ------------------------------------------------------------------------
+# --- 5. the sweeps ----------------------------------------------------------------------------------
 if [ $gpu = 1 ]; then
   data_args="data=cifar10"
   if [ ! -f data/cifar-10-python.tar.gz ] && [ ! -d data/cifar-10-batches-py ]; then
@@ -125,157 +164,69 @@ if [ $gpu = 1 ]; then
     fi
     data_args="data=imagefolder data.root=data/cifar10-jpeg"
   fi
-  # Decode the images once, before the runs start side by side (each would otherwise decode them).
+  # Decode the images once, before runs start side by side (each would otherwise decode them).
   # shellcheck disable=SC2086
-  "$python" -c "import sys; from resexp.config import compose; from resexp.data import load_data
+  attempt "decode CIFAR-10" "$(capped 90 120)" "$python" -c "import sys; from resexp.config import compose
+from resexp.data import load_data
 cfg = compose(sys.argv[1:]).data
-load_data(cfg.name, cfg.root, download=False)" $data_args >>"$log" 2>&1 || say "loading the data failed (see $log)"
-  batch=128
-  runs_per_gpu=9  # the nine nets at once: each is far too small to fill an H100/H200 alone
-  # Iterations: the sweep's GPU work is at most the nine nets' graphed steps one after another
-  # (ResNet-32/44 by interpolation, plain-n as ResNet-n); leave room for compiling and the report.
-  iterations=$("$python" - "$work" "$(( $(left) - 150 ))" <<'EOF' 2>>"$log"
+load_data(cfg.name, cfg.root, download=False)" $data_args
+  # Iterations for the time left: the runs' steps, from the graphed bench rows (plus each run's start).
+  iterations=$("$python" - "$work" "$(( $(left) - 60 ))" <<'EOF' 2>>"$log"
 import json, sys
 from pathlib import Path
 work, seconds = Path(sys.argv[1]), float(sys.argv[2])
 ms = {}
-for depth in (20, 56, 110):
+for depth in (20, 56):
     try:
         ms[depth] = json.loads((work / f"bench-{depth}-graphed.json").read_text())["resexp"]["ms_per_step"]
     except (OSError, ValueError, KeyError):
-        pass
-if len(ms) < 2:
-    print(1000)
-    raise SystemExit
-def at(depth):  # ms per step, linear in depth between the measured ones
-    known = sorted(ms)
-    low = max([d for d in known if d <= depth] or known[:1]); high = min([d for d in known if d >= depth] or known[-1:])
-    return ms[low] if low == high else ms[low] + (ms[high] - ms[low]) * (depth - low) / (high - low)
-per_iteration_s = sum(2 * at(d) for d in (20, 32, 44, 56)) / 1000 + at(110) / 1000
-print(max(400, min(8000, int(seconds / per_iteration_s) // 100 * 100)))
+        ms[depth] = {20: 5.0, 56: 12.0}[depth]  # unmeasured: a cautious guess of an H100's step
+per_iteration_s = (ms[20] + (ms[20] + ms[56]) / 2 + ms[56]) / 1000  # ResNet-20, -32, -56
+# Two sweeps of the three runs: one after another (1x), then side by side (about 1.5x at best); 30 s
+# of start-up per run (Python, data, the compiled blocks from the cache) comes out of the budget first.
+train_s = max(0.0, seconds - 3 * 30 - 2 * 30)
+print(max(200, min(4000, int(train_s / 1.8 / per_iteration_s) // 100 * 100)))
 EOF
 )
-  [ -n "$iterations" ] || iterations=1000
-  sweep_args="experiment=figure6 $data_args schedule.iterations=$iterations"
-  sweep_args="$sweep_args schedule.milestones=[$((iterations / 2)),$((iterations * 3 / 4))]"
-  sweep_args="$sweep_args schedule.eval_every=$((iterations / 20)) schedule.checkpoint_every=$((iterations / 2))"
-  sweep_args="$sweep_args schedule.warmup.check_every=$((iterations / 100 > 1 ? iterations / 100 : 1))"
-  sweep_args="$sweep_args gpus=0 runs_per_gpu=$runs_per_gpu"
-  sweep_limit=$(( $(left) - 40 ))
+  [ -n "$iterations" ] || iterations=500
+  grid="arch=resnet depth=20,32,56 $data_args"
+  gpus="gpus=all"
+  batch=128
 else
-  batch=32
-  runs_per_gpu=1
   iterations=8
-  sweep_args="depth=8 data=synthetic data.train_size=256 data.test_size=64 schedule=smoke device=cpu"
-  sweep_limit=60
+  grid="arch=plain,resnet depth=8 data=synthetic data.train_size=256 data.test_size=64 device=cpu"
+  gpus=""
+  batch=32
 fi
-echo "$iterations $runs_per_gpu $batch" >"$work/sweep-settings.txt"
-say "sweep: $sweep_args (at most ${sweep_limit}s)"
-sweep_start=$SECONDS
-# shellcheck disable=SC2086
-timeout --signal=INT --kill-after=30 "$sweep_limit" "$python" -m resexp sweep $sweep_args progress=false \
-  out="$work" name=sweep >>"$log" 2>&1
-echo "$? $((SECONDS - sweep_start))" >"$work/sweep-exit.txt"
+schedule="schedule.iterations=$iterations schedule.milestones=[$((iterations / 2)),$((iterations * 3 / 4))]"
+schedule="$schedule schedule.eval_every=$(( iterations / 10 > 1 ? iterations / 10 : 1 ))"
+schedule="$schedule schedule.checkpoint_every=$iterations schedule.batch_size=$batch"
+echo "$iterations $batch" >"$work/sweep-settings.txt"
+sweep() {  # sweep NAME RUNS_PER_GPU: one sweep of the grid, its folder $work/NAME
+  local name=$1 per_gpu=$2 slots=""
+  [ $gpu = 1 ] && slots="$gpus runs_per_gpu=$per_gpu"
+  # shellcheck disable=SC2086
+  attempt "sweep $name" "$(capped 240 20)" "$python" -m resexp sweep $grid $schedule $slots progress=false \
+    out="$work" name="$name"
+}
+if [ "$mode" = unusable ]; then
+  row "sweeps" skipped 0 "no usable GPU"
+else
+  sweep one-at-a-time 1
+  if [ $gpu = 1 ]; then
+    if command -v nvidia-cuda-mps-control >/dev/null; then
+      export CUDA_MPS_PIPE_DIRECTORY="$work/mps-pipe" CUDA_MPS_LOG_DIRECTORY="$work/mps-log"
+      mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+      if nvidia-cuda-mps-control -d >>"$log" 2>&1; then mps_started=1; fi
+    fi
+    echo "$mps_started" >"$work/mps.txt"
+    sweep three-at-a-time 3
+  fi
+fi
 
-# --- 5. the report --------------------------------------------------------------------------------
-"$python" - "$out" "$work" "$gpu" "$((SECONDS - start))" <<'EOF' 2>>"$log"
-import json, shutil, sys
-from pathlib import Path
-
-out, work, gpu, total_s = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
-PAPER_ITERATIONS = 64_000
-
-
-def load(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-environment = load(work / "environment.json") or {}
-tests = (work / "cuda-tests.txt").read_text().strip().splitlines() if (work / "cuda-tests.txt").exists() else []
-bench = {}
-for path in sorted(work.glob("bench-*.json")):
-    _, depth, mode = path.stem.split("-")
-    bench[(int(depth), mode)] = load(path)
-memory = load(work / "memory-1202.json")
-iterations, runs_per_gpu, batch = map(int, (work / "sweep-settings.txt").read_text().split())
-sweep_exit, sweep_s = map(int, (work / "sweep-exit.txt").read_text().split())
-runs = {}
-for path in sorted((work / "sweep").glob("*/result.json")):
-    result = load(path)
-    if result:
-        runs[path.parent.name] = result
-
-lines = ["# GPU check", "",
-         f"{environment.get('gpu') or 'no GPU'} ({environment.get('gpu_memory_gib')} GiB), driver {environment.get('driver')}, "
-         f"CUDA {environment.get('cuda')}, cuDNN {environment.get('cudnn')}, torch {environment.get('torch')}, "
-         f"Python {environment.get('python')}, {environment.get('cpu_cores')} CPU cores; whole check {total_s} s.", "",
-         "## CUDA tests", "", f"`{tests[-2] if len(tests) > 1 else (tests[-1] if tests else 'not run')}`", "",
-         f"## Training throughput (resexp bench, batch {next((r['settings']['batch_size'] for r in bench.values() if r), '-')})",
-         "",
-         "| net | pipeline | images/s | ms/step | % of bf16 peak | steady peak MiB | first step s |",
-         "|---|---|---|---|---|---|---|"]
-ratios = {}
-for (depth, mode), record in sorted(bench.items()):
-    if not record:
-        lines.append(f"| ResNet-{depth} | {mode} | did not finish | | | | |")
-        continue
-    rows = [(mode, record["resexp"])] + ([("reference", record["reference"])] if record.get("reference") else [])
-    for label, figures in rows:
-        share = figures.get("bf16_peak_fraction")
-        lines.append(f"| ResNet-{depth} | {label} | {figures['images_per_s']:.0f} | {figures['ms_per_step']:.2f} | "
-                     f"{100 * share:.2f} | {figures['peak_memory_mb']:.0f} | {figures['first_step_s']:.1f} |"
-                     if share is not None else
-                     f"| ResNet-{depth} | {label} | {figures['images_per_s']:.0f} | {figures['ms_per_step']:.2f} | - | "
-                     f"{figures['peak_memory_mb']:.0f} | {figures['first_step_s']:.1f} |")
-    if record.get("ratio"):
-        ratios[depth] = record["ratio"]
-lines.append("")
-for depth, ratio in sorted(ratios.items()):
-    target = " (target: at least 4x)" if depth == 56 else ""
-    lines.append(f"- ResNet-{depth}: resexp / reference pipeline = {ratio:.2f}x{target}")
-if memory:
-    peak = memory["memory"]["cuda_peak_bytes"]
-    lines.append(f"- ResNet-1202, bf16, batch 128: steady-state peak {peak / 2**30:.2f} GiB; estimate (parameter state + "
-                 f"saved activations) {memory['memory']['estimate_bytes'] / 2**30:.2f} GiB" if peak else
-                 "- ResNet-1202 memory: no CUDA peak")
-
-lines += ["", "## Figure-6 sweep", "",
-          f"{len(runs)} runs, {iterations} iterations each, batch {batch}, "
-          f"{f'{runs_per_gpu} at once on one GPU' if gpu else 'one after another on the CPU'}; wall time {sweep_s} s "
-          f"(exit code {sweep_exit}).", "",
-          "| run | status | iterations | train error | test error | images/s | s per 1k iterations |", "|---|---|---|---|---|---|---|"]
-estimates = []
-for name, result in runs.items():
-    ips = result.get("images_per_s")
-    per_k = 1000 * batch / ips if ips else None
-    if per_k:
-        estimates.append(PAPER_ITERATIONS / 1000 * per_k)
-    def pct(value):
-        return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "-"
-    lines.append(f"| {name} | {result.get('status')} | {result.get('iterations_done')} | "
-                 f"{pct(result.get('final_train_error'))} | {pct(result.get('final_test_error'))} | "
-                 f"{ips or '-'} | {per_k and round(per_k, 1) or '-'} |")
-estimate_s = max(estimates) if estimates else None
-if estimate_s and gpu:
-    lines += ["", f"Estimate for the paper's schedule ({PAPER_ITERATIONS} iterations), the nine nets {runs_per_gpu} at "
-              f"once as here: the slowest run's measured step time x {PAPER_ITERATIONS} = {estimate_s / 60:.1f} min, "
-              "plus compiling (target: at most 10 min)."]
-for figure in ("curves.png", "error_vs_depth.png"):
-    if (work / "sweep" / figure).exists():
-        shutil.copy(work / "sweep" / figure, out / figure)
-        lines += ["", f"![{figure}]({figure})"]
-
-record = {"gpu": gpu, "total_s": total_s, "environment": environment, "cuda_tests": tests[-2:],
-          "bench": {f"{depth}-{mode}": value for (depth, mode), value in bench.items()}, "memory_1202": memory,
-          "sweep": {"iterations": iterations, "runs_per_gpu": runs_per_gpu, "wall_s": sweep_s, "exit": sweep_exit,
-                    "runs": runs, "paper_schedule_estimate_s": estimate_s}}
-(out / "report.md").write_text("\n".join(lines) + "\n")
-(out / "record.json").write_text(json.dumps(record, indent=1))
-print(f"gpu-check: report {out / 'report.md'}, record {out / 'record.json'}")
-EOF
+# --- 6. the report --------------------------------------------------------------------------------
+"$python" scripts/gpu_check_report.py "$out" "$work" "$mode" "$((SECONDS - start))" 2>>"$log"
 status=$?
 [ $status = 0 ] || say "the report could not be written (see $log)"
+[ "$mode" = unusable ] && exit 1
 exit $status

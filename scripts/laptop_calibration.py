@@ -138,7 +138,7 @@ def report(sweeps: list[dict], machine: str, cache_was_warm: bool, args) -> str:
 def machine_line() -> str:
     import torch
 
-    from resexp.train import cpu_model, usable_cores
+    from resexp.machine import cpu_model, usable_cores
 
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{usable_cores()} CPU cores ({cpu_model()}), {memory_gib:.0f} GiB, Python {platform.python_version()}, "

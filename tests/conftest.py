@@ -54,4 +54,4 @@ def counted_compiles(monkeypatch):
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counting_backend))
     yield compiled
-    torch._dynamo.reset()
+    torch.compiler.reset()

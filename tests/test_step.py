@@ -11,8 +11,9 @@ import torch
 
 from resexp import config as config_module
 from resexp.errors import UsageError
-from resexp.train import (GraphedTrainStep, TrainingSnapshot, TrainStep, autocast, learning_rate_tensor,
-                          make_optimizer, reattach_lr, resolve_cuda_graph)
+from resexp.step import (GraphedTrainStep, TrainingSnapshot, TrainStep, autocast, learning_rate_tensor,
+                         make_optimizer, reattach_lr, resolve_cuda_graph)
+from resexp.models import build_model
 from steps import LRS, SCHEDULE, batches, small_net, state
 
 RESEXP = Path(sysconfig.get_path("scripts")) / "resexp"
@@ -230,8 +231,14 @@ def test_autocast_keeps_no_weight_cache():
     assert isinstance(amp, torch.autocast) and amp._cache_enabled is False
 
 
-def test_every_net_of_a_nine_net_sweep_in_one_process_compiles_once(tmp_path, counted_compiles):
-    """Dynamo keeps 8 compiled versions of a function that all nets share; each run starts clean."""
+def block_kinds(depth: int) -> int:
+    """Block shapes a CIFAR net has: each stage's first block, and (from n = 2) the rest of each stage."""
+    return 3 if depth == 8 else 5
+
+
+def test_every_net_of_a_nine_net_sweep_in_one_process_compiles_each_block_kind_once(tmp_path, counted_compiles):
+    """Dynamo keeps 8 compiled versions of the code every compiled block shares; each run starts clean,
+    and evaluation (eval mode, no gradients) runs the blocks as written instead of compiling them again."""
     from resexp.train import train
 
     nets = [(arch, depth) for depth in (8, 14, 20, 26) for arch in ("plain", "resnet")] + [("resnet", 32)]
@@ -239,52 +246,122 @@ def test_every_net_of_a_nine_net_sweep_in_one_process_compiles_once(tmp_path, co
         before = len(counted_compiles)
         cfg = config_module.compose([*SMOKE, f"arch={arch}", f"depth={depth}", "compile=true", "precision=bf16"])
         train(cfg, tmp_path / f"{arch}-{depth}")
-        assert len(counted_compiles) - before == 1, f"net {number + 1} ({arch}-{depth}) compiled " \
-                                                     f"{len(counted_compiles) - before} times"
+        assert len(counted_compiles) - before == block_kinds(depth), \
+            f"net {number + 1} ({arch}-{depth}) compiled {len(counted_compiles) - before} times"
+
+
+@pytest.mark.parametrize("depth", [20, 110])
+def test_compiling_does_not_grow_with_depth(depth, counted_compiles):
+    """Regional compilation: the same five block graphs, of the same size, whatever the depth."""
+
+    def compiled_graph_sizes(depth: int) -> list[int]:
+        torch.compiler.reset()
+        counted_compiles.clear()
+        model = build_model("resnet", depth, "A").to(memory_format=torch.channels_last)
+        step = TrainStep(model, make_optimizer(model, SCHEDULE, CPU), torch.amp.GradScaler("cpu", enabled=False),
+                         autocast(CPU, "fp32"), compile=True)
+        x, y = batches(1)[0]
+        step(x[:2], y[:2])
+        assert list(model.state_dict()) == list(build_model("resnet", depth, "A").state_dict())  # checkpoints as before
+        return sorted(len(graph.graph.nodes) for graph in counted_compiles)
+
+    # ResNet-14 is the shallowest net with all five block shapes.
+    assert compiled_graph_sizes(depth) == compiled_graph_sizes(14)
+    assert len(counted_compiles) == 5
+
+
+def test_a_failed_compile_warns_once_puts_back_what_it_changed_and_trains_eagerly(monkeypatch, capsys):
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("no compiler for this machine")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=failing_backend,
+                                                                                 dynamic=False))
+    compiled_model, eager_model = small_net(), small_net()
+    compiled_optimizer = make_optimizer(compiled_model, SCHEDULE, CPU)
+    compiled_step = TrainStep(compiled_model, compiled_optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                              autocast(CPU, "fp32"), compile=True)
+    eager_optimizer = make_optimizer(eager_model, SCHEDULE, CPU)
+    eager_step = eager(eager_model, eager_optimizer)
+    try:
+        for x, y in batches(3):
+            compiled_step(x, y)
+            eager_step(x, y)
+    finally:
+        torch.compiler.reset()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "torch.compile failed" in line]
+    assert len(warnings) == 1 and "compile=false" in warnings[0]
+    assert compiled_step.compiled is False
+    # The stem's BN ran before the first block failed to compile: undone, so the run is exact.
+    assert_identical(state(compiled_model, compiled_optimizer), state(eager_model, eager_optimizer))
 
 
 class OutOfMemoryNet(torch.nn.Module):
     """Stands in for a compiled net that runs out of GPU memory in its forward pass."""
 
     def forward(self, x):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-def test_out_of_memory_in_a_compiled_step_is_not_taken_for_a_failed_compile(monkeypatch, capsys):
+def test_out_of_memory_in_a_compiled_step_is_not_taken_for_a_failed_compile(counted_compiles, capsys):
     model = small_net()
     optimizer = make_optimizer(model, SCHEDULE, CPU)
-    step = TrainStep(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), autocast(CPU, "fp32"))
-    step.forward = OutOfMemoryNet()  # what torch.compile returned
-    with pytest.raises(torch.OutOfMemoryError):
+    step = TrainStep(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), autocast(CPU, "fp32"),
+                     compile=True)
+    step.model = OutOfMemoryNet()  # its first compiled step runs out of memory
+    with pytest.raises(torch.cuda.OutOfMemoryError):
         step(*batches(1)[0])
-    assert step.forward is not model  # still compiled: nothing was switched off
+    assert step.compiled  # still compiled: nothing was switched off
     assert "compile failed" not in capsys.readouterr().err
 
 
 def test_out_of_memory_wrapped_by_the_compiler_is_still_out_of_memory():
-    from resexp.train import caused_by_out_of_memory
+    from resexp.step import caused_by_out_of_memory
 
     try:
         try:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        except torch.OutOfMemoryError as inner:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        except torch.cuda.OutOfMemoryError as inner:
             raise RuntimeError("backend compiler failed") from inner
     except RuntimeError as wrapped:
         assert caused_by_out_of_memory(wrapped)
     assert not caused_by_out_of_memory(RuntimeError("an ordinary compile error"))
 
 
+def run_out_of_memory(module, args):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 def test_a_run_that_runs_out_of_memory_says_so_the_first_time_and_records_it(tmp_path, monkeypatch):
     import json
 
+    from resexp import step as step_module
     from resexp import train as train_module
 
-    monkeypatch.setattr(train_module, "compile_model", lambda model: OutOfMemoryNet())
+    # Compiling installs a net that runs out of memory in its first forward pass.
+    monkeypatch.setattr(step_module, "compile_blocks", lambda model: model.register_forward_pre_hook(run_out_of_memory))
     cfg = config_module.compose([*SMOKE, "compile=true"])
     with pytest.raises(UsageError, match="out of GPU memory at batch size 32"):
         train_module.train(cfg, tmp_path / "run")
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["status"] == "failed" and "out of GPU memory" in result["error"]
+
+
+def test_running_out_of_memory_in_the_cost_probe_is_the_same_one_line(tmp_path, monkeypatch):
+    """The cost probe of a single run measures steps at the run's batch size before training starts."""
+    import json
+
+    from resexp import estimate
+    from resexp import train as train_module
+
+    def probe_out_of_memory(cfg):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(estimate, "seconds_per_cost", probe_out_of_memory)
+    cfg = config_module.compose([*SMOKE])
+    with pytest.raises(UsageError, match="out of GPU memory at batch size 32"):
+        train_module.train(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "failed"
 
 
 # --- a GPU that torch cannot use ------------------------------------------------------------------
@@ -295,14 +372,14 @@ DRIVER_FILE = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  535.183.
 @pytest.fixture
 def unusable_gpu(tmp_path, monkeypatch):
     """A machine whose NVIDIA driver is loaded while torch finds no usable GPU (a driver too old for the build)."""
-    from resexp import train as train_module
+    from resexp import step as step_module
 
     version_file = tmp_path / "nvidia-version"
     version_file.write_text(DRIVER_FILE)
-    monkeypatch.setattr(train_module, "NVIDIA_DRIVER_VERSION_FILE", version_file)
+    monkeypatch.setattr(step_module, "NVIDIA_DRIVER_VERSION_FILE", version_file)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    return train_module
+    return step_module
 
 
 def test_device_auto_refuses_a_gpu_torch_cannot_use(unusable_gpu):
@@ -357,3 +434,104 @@ def test_the_progress_bar_shows_running_loss_and_error_before_the_first_evaluati
         bar.update(iteration, sums, 0.1)
     bar.close()
     assert bar.fields["loss"] == "2.500" and bar.fields["err"] == "25.0%" and bar.fields["lr"] == "0.1"
+
+
+# --- code that only a GPU runs, checked on the CPU --------------------------------------------------
+
+def embedded_cuda_scripts() -> dict[str, str]:
+    """The Python scripts test_cuda.py runs in processes of their own: its upper-case string constants
+    that import something."""
+    import test_cuda
+
+    return {name: value for name, value in vars(test_cuda).items()
+            if name.isupper() and isinstance(value, str) and "import " in value}
+
+
+def unbound_names(tree) -> set[str]:
+    """Names a script reads but never binds (by assignment, def, class, import, argument or loop) and
+    that are not builtins: what would be a NameError when the script runs."""
+    import ast
+    import builtins
+
+    bound, read = set(dir(builtins)), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return read - bound
+
+
+def test_every_embedded_cuda_script_compiles_and_its_imports_resolve():
+    import ast
+    import importlib
+
+    scripts = embedded_cuda_scripts()
+    assert scripts, "test_cuda.py embeds no scripts: this test looks for the wrong thing"
+    for name, source in scripts.items():
+        tree = ast.parse(source, filename=name)  # a SyntaxError (an IndentationError) fails here
+        compile(tree, name, "exec")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = importlib.import_module(node.module)
+                missing = [alias.name for alias in node.names if not hasattr(module, alias.name)]
+                assert not missing, f"{name}: {node.module} has no {missing}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    importlib.import_module(alias.name)
+        assert not unbound_names(tree), f"{name} reads names it never defines: {sorted(unbound_names(tree))}"
+
+
+def test_the_cuda_tests_import_on_a_cpu_and_skip_there():
+    """test_cuda.py's own imports resolve (its module is collected everywhere), and without a GPU every
+    test in it is marked to skip."""
+    import test_cuda
+
+    tests = [value for name, value in vars(test_cuda).items() if name.startswith("test_")]
+    assert tests
+    if not torch.cuda.is_available():
+        assert any(mark.name == "skipif" and mark.args and mark.args[0] for mark in test_cuda.pytestmark)
+
+
+# --- the cost probe, and how the modules import each other ------------------------------------------
+
+def test_the_cost_probe_runs_in_a_process_of_its_own_where_it_would_use_a_gpu(monkeypatch):
+    """On a GPU the sweep's probe must leave no CUDA context behind: it runs as ``python -m resexp.estimate``.
+    Here the probe's process is told the device is a GPU, so that path runs on the CPU."""
+    from resexp import estimate
+    from resexp import step as step_module
+
+    monkeypatch.setattr(step_module, "resolve_device", lambda name: torch.device("cuda"))
+    cfg = config_module.compose([*SMOKE, "device=cpu"])
+    assert estimate.seconds_per_cost_apart(cfg) > 0
+    bad = config_module.compose([*SMOKE, "device=cpu", "schedule.batch_size=0"])  # past the gate: no step to time
+    with pytest.raises(UsageError, match="measuring a step of resnet-20 for the cost estimate failed: ZeroDivisionError"):
+        estimate.seconds_per_cost_apart(bad)
+
+
+def test_the_run_the_step_and_the_modules_below_import_each_other_in_one_direction():
+    """Imports anywhere in a module (lazy ones too) among config, data, estimate, step and train form no cycle."""
+    import ast
+
+    source = Path(__file__).resolve().parents[1] / "src" / "resexp"
+    watched = {"config", "data", "estimate", "step", "train", "machine", "models", "files"}
+    imports = {}
+    for name in watched:
+        tree = ast.parse((source / f"{name}.py").read_text())
+        imports[name] = {node.module.rsplit(".", 1)[-1] for node in ast.walk(tree)
+                         if isinstance(node, ast.ImportFrom) and node.module
+                         and (node.level == 1 or node.module.startswith("resexp."))} & watched
+
+    def reaches(start, goal, seen=()):
+        return any(module == goal or (module not in seen and reaches(module, goal, (*seen, module)))
+                   for module in imports[start])
+
+    cycles = sorted(name for name in watched if reaches(name, name))
+    assert not cycles, f"import cycles through {cycles}: {imports}"
+    assert "train" not in imports["step"] and "step" in imports["train"]  # the run sits above the step

@@ -12,7 +12,8 @@ import torch
 
 from resexp import config as config_module
 from resexp.errors import UsageError
-from resexp.train import CHECKPOINT, learning_rate, resolve_compile, train
+from resexp.step import resolve_compile
+from resexp.train import CHECKPOINT, learning_rate, train
 
 SMOKE = ["data=synthetic", "schedule=smoke", "progress=false", "device=cpu"]  # CPU arithmetic: exact resumes
 VOLATILE = ("time_s", "images_per_s")  # wall-clock figures differ between runs

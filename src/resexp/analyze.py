@@ -50,7 +50,7 @@ from .files import CHECKPOINT, atomic_write, atomic_write_text, existing_folder,
 from .models import ARCHS, Block, blocks, build_model_for, response_modules
 from .plots import (DEPTH_PALETTE, DPI, FIGURE_STYLE, RunRecord, family_of, fit_titles, load_runs, net_prefix,
                     panel_title)
-from .train import autocast, evaluate, resolve_precision
+from .step import autocast, evaluate, resolve_precision
 
 ANALYSES = ("responses", "lesion", "gradients", "identity")
 LESION_DRAWS = 5  # random subsets of blocks removed per count k

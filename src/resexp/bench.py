@@ -47,8 +47,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import UsageError
+from .step import caused_by_out_of_memory
 from .models import forward_macs
-from .train import usable_cores
+from .machine import usable_cores
 
 USAGE = """\
 usage: resexp bench [KEY=VALUE ...]
@@ -190,13 +191,18 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        # Reserved, not allocated: a replayed CUDA graph allocates nothing, and its activations live in
+        # the graph's private pool, which the allocated figure leaves out.
+        return torch.cuda.max_memory_reserved(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def memory_kind(device: torch.device) -> str:
-    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS of the main process"
+    if device.type == "cuda":
+        return ("torch.cuda.max_memory_reserved over a steady step, after empty_cache: the allocator's segments, "
+                "a CUDA graph's private pool included; training images kept on the GPU are left out")
+    return "peak RSS of the main process"
 
 
 # --- timing -------------------------------------------------------------------------------------
@@ -210,13 +216,17 @@ class Pipeline:
     description: dict
     close: Callable[[], None] = lambda: None
     model: nn.Module | None = None  # the trained net, where something besides the step looks at it
+    resident_bytes: int = 0  # the data set the pipeline keeps on the device: labelled, not counted as the step's
     first_step_s: float = 0.0
     peak_memory_mb: float = 0.0
     window_s: list[float] = field(default_factory=list)
 
 
 def memory_held(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()  # what the allocator keeps cached but unused is nobody's
+    return torch.cuda.memory_reserved(device)
 
 
 def prepare(build: Callable[[], Pipeline], warmup: int, device: torch.device) -> Pipeline:
@@ -225,7 +235,7 @@ def prepare(build: Callable[[], Pipeline], warmup: int, device: torch.device) ->
 
     The peak is reset after the warm-up: cuDNN's and Triton's autotuning workspaces and the CUDA
     graph's capture are one-off costs, not what training holds step after step. On CUDA, memory
-    that an earlier pipeline still holds is not counted.
+    that an earlier pipeline still holds is not counted, nor the data set the pipeline keeps there.
     """
     held_before = memory_held(device)
     pipeline = build()
@@ -237,13 +247,15 @@ def prepare(build: Callable[[], Pipeline], warmup: int, device: torch.device) ->
         for _ in range(warmup - 1):
             pipeline.one_step()
         synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the warm-up's freed blocks: not what a steady step holds
         reset_peak_memory(device)
         pipeline.one_step()
         synchronize(device)
     except BaseException:
         pipeline.close()
         raise
-    pipeline.peak_memory_mb = peak_memory_mb(device) - held_before / 2**20
+    pipeline.peak_memory_mb = peak_memory_mb(device) - (held_before + pipeline.resident_bytes) / 2**20
     return pipeline
 
 
@@ -326,7 +338,7 @@ def resexp_pipeline(data, cfg: DictConfig, device: torch.device, precision: str,
     """resexp's training step, built as ``train.train`` builds it."""
     from .data import TrainBatches, pixel_mean
     from .models import build_model_for
-    from .train import autocast, learning_rate_tensor, make_optimizer, make_train_step
+    from .step import autocast, learning_rate_tensor, make_optimizer, make_train_step
 
     images = data.train_images.to(device)
     labels = data.train_labels.to(device)
@@ -354,10 +366,12 @@ def resexp_pipeline(data, cfg: DictConfig, device: torch.device, precision: str,
         step_stats.add_(torch.stack([loss.double() * len(y), wrong.double(), batch_images]))
         iteration += 1
 
+    resident = images.numel() * images.element_size() + labels.numel() * labels.element_size() \
+        if device.type == "cuda" else 0
     return Pipeline("resexp", one_step, {
         "precision": precision, "compile": compile_model, "cuda_graph": cuda_graph, "memory_format": "channels_last",
-        "data_pipeline": "TrainBatches on the training device",
-    }, model=model)
+        "data_pipeline": "TrainBatches on the training device", "data_on_device_mb": round(resident / 2**20, 1),
+    }, model=model, resident_bytes=resident)
 
 
 class PILImageDataset(torch.utils.data.Dataset):
@@ -488,7 +502,7 @@ def saved_for_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp) 
 def run_memory(cfg: DictConfig) -> dict:
     """Count the memory of one net's training at one batch size and precision; return the record."""
     from .models import build_model_for, count_parameters
-    from .train import TrainStep, autocast, make_optimizer, resolve_compile, resolve_device, resolve_precision
+    from .step import TrainStep, autocast, make_optimizer, resolve_compile, resolve_device, resolve_precision
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -526,7 +540,9 @@ def run_memory(cfg: DictConfig) -> dict:
         saved = saved_for_backward(model, x, y, amp)
         synchronize(device)
         forward_s = time.perf_counter() - start
-    except torch.OutOfMemoryError as error:
+    except Exception as error:  # raised as it is, or wrapped by torch.compile or the capture
+        if not caused_by_out_of_memory(error):
+            raise
         raise out_of_memory(batch_size) from error
 
     saved_bytes = sum(saved.values())
@@ -555,7 +571,7 @@ def run_memory(cfg: DictConfig) -> dict:
 
 def use_threads(cfg: DictConfig, device: torch.device) -> None:
     """The CPU threads of the main process: as resexp train sets them, unless bench.threads says how many."""
-    from .train import configure_backend
+    from .step import configure_backend
 
     configure_backend(device)
     if cfg.bench.threads is not None:
@@ -616,7 +632,7 @@ def default_json_path(cfg: DictConfig, device: str, precision: str) -> Path:
 def run_bench(cfg: DictConfig) -> dict:
     """Measure both pipelines and return the record that ``bench_command`` writes."""
     from .models import build_model_for, count_parameters
-    from .train import resolve_compile, resolve_cuda_graph, resolve_device, resolve_precision
+    from .step import resolve_compile, resolve_cuda_graph, resolve_device, resolve_precision
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -642,7 +658,9 @@ def run_bench(cfg: DictConfig) -> dict:
             for pipeline in pipelines:  # alternate windows, so a change in the machine's load hits both alike
                 time_window(pipeline, cfg.bench.steps, device)
         grad_norm_s = time_gradient_norms(pipelines[0], device)
-    except torch.OutOfMemoryError as error:
+    except Exception as error:  # raised as it is, or wrapped by torch.compile or the capture
+        if not caused_by_out_of_memory(error):
+            raise
         raise out_of_memory(cfg.schedule.batch_size) from error
     finally:
         for pipeline in pipelines:

@@ -77,7 +77,7 @@ HELP_PAGES = {
               "Train one plain or residual net with the paper's recipe (He et al. 2015, section 4.2) into\n"
               "OUT/NAME/: config, metrics, checkpoints, result. The same command again resumes it.",
               TRAIN_OPTIONS,
-              ("resexp train arch=plain depth=56                    the paper's schedule: hours on a GPU",
+              ("resexp train arch=plain depth=56                    the paper's schedule: for a GPU",
                "resexp train depth=20 schedule=quick data=imagefolder data.root=data/cifar10-jpeg")),
     "sweep": ("usage: resexp sweep [KEY=V1,V2 ...]",
               "Train every combination of the values given (arch=plain,resnet unless set), one run folder\n"
@@ -246,7 +246,8 @@ def train_command(args: list[str]) -> int:
         config_module.check(cfg)
         # Before Hydra writes its records into the run folder: a refused command changes nothing there.
         from .data import fetch_cifar10
-        from .train import check_machine, check_resumable
+        from .step import check_machine
+        from .train import check_resumable
 
         check_machine(cfg)
         check_resumable(cfg, Path(cfg.out) / cfg.name)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from resexp.errors import UsageError
 from resexp.files import atomic_write
+from resexp.machine import usable_cores
 
 DATASET_NAMES = ("cifar10", "imagefolder", "synthetic")
 IMAGE_SIZE = 32  # the CIFAR networks assume 32x32 inputs
@@ -267,7 +268,6 @@ def _decode_images(root: Path, paths: list[str], resize: bool) -> np.ndarray:
     # PIL releases the GIL while decoding, so threads pay off for large images; for
     # 32x32 files its Python-side header parsing dominates and they gain little.
     chunk = 512
-    from .train import usable_cores  # train imports this module: imported when decoding starts
 
     workers = min(8, usable_cores())
     with ThreadPoolExecutor(max_workers=workers) as executor:

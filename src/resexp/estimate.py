@@ -2,11 +2,13 @@
 
 A run's cost is the work left in it, in forward multiply-adds (``models.forward_macs``): images
 still to train, and the evaluations still to come (the whole test set each time, a forward pass
-only: about a third of a training image's forward, backward and update). One short measured training step of the cheapest net turns cost
-into seconds on this device; every other net is scaled by its multiply-adds. That is rough
-(small nets are dominated by overheads, a GPU's compiled and graphed step is faster than the
-eager step measured here) but it tells hours from days. While a sweep runs, the finished runs'
-wall times give a better rate, so the ETA of the runs left weighs each by its cost.
+only: about a third of a training image's forward, backward and update). A few steady training
+steps of the cheapest net, built as ``resexp train`` builds them (graphed on a GPU, not compiled),
+turn cost into seconds on this device; every other net is scaled by its multiply-adds. That is
+rough (small nets are dominated by overheads; compiling and capture come on top) but it tells
+hours from days. On a GPU the probe runs in a process of its own, which gives its GPU memory back
+when it ends. While a sweep runs, the finished runs' wall times give a better rate, so the ETA of
+the runs left weighs each by its cost.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .files import RESULT, read_result
 LONG_ON_A_CPU_S = 3600
 WORTH_SAYING_S = 60  # a shorter run's cost goes without saying
 CIFAR10_TEST_IMAGES = 10_000  # the evaluation set when the config does not size it
-TIMED_STEPS = 2  # after one untimed step
+UNTIMED_STEPS = 2  # cuDNN's autotuning; on a GPU the capture of the CUDA graph
+TIMED_STEPS = {"cpu": 2, "cuda": 20}  # a GPU step is milliseconds: time more of them
 
 
 def macs_per_image(cfg: DictConfig) -> int:
@@ -52,31 +55,70 @@ def run_cost(cfg: DictConfig, run_dir: Path | None = None) -> float:
 
 
 def seconds_per_cost(cfg: DictConfig) -> float:
-    """Seconds per forward multiply-add of training, from a few eager steps of ``cfg``'s net here."""
+    """Seconds per forward multiply-add of training, from a few steady steps of ``cfg``'s net here.
+
+    The step is built as ``resexp train`` builds it (on a GPU: captured as a CUDA graph and
+    replayed), but not compiled: a probe cannot wait for a compiler, and on a GPU the graph, not
+    the compiler, is what takes the launch overhead away. The probe's random numbers come from a
+    forked generator, so a run that measures itself trains as one that does not.
+    """
     import torch
 
     from .models import build_model_for
-    from .train import TrainStep, autocast, configure_backend, make_optimizer, resolve_device, resolve_precision
+    from .step import (autocast, configure_backend, learning_rate_tensor, make_optimizer, make_train_step,
+                       resolve_cuda_graph, resolve_device, resolve_precision)
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     configure_backend(device)
-    model = build_model_for(cfg).to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg.schedule, device)
-    step = TrainStep(model, optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-                     autocast(device, precision))
-    batch = cfg.schedule.batch_size
-    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=device)
-    step(x, y)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = build_model_for(cfg).to(device, memory_format=torch.channels_last)
+        lr = learning_rate_tensor(cfg.schedule.lr, device)
+        step = make_train_step(model, make_optimizer(model, cfg.schedule, device, lr=lr),
+                               torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                               autocast(device, precision), compile=False,
+                               cuda_graph=resolve_cuda_graph(cfg.cuda_graph, device, precision))
+        batch = cfg.schedule.batch_size
+        x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch,), device=device)
+        for _ in range(UNTIMED_STEPS):  # cuDNN's autotuning, the graph's capture
+            step(x, y)
+        timed = TIMED_STEPS[device.type]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(timed):
+            loss, _ = step(x, y)
+        float(loss)  # waits for the device
+        seconds = (time.perf_counter() - start) / timed
+    del step, model
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(TIMED_STEPS):
-        loss, _ = step(x, y)
-    float(loss)  # waits for the device
-    seconds = (time.perf_counter() - start) / TIMED_STEPS
+        torch.cuda.empty_cache()  # the training that follows in this process gets the probe's memory back
     return seconds / (macs_per_image(cfg) * batch)
+
+
+def seconds_per_cost_apart(cfg: DictConfig) -> float:
+    """``seconds_per_cost`` in a process of its own where it would use a GPU, so that no CUDA context
+    (hundreds of MiB on GPU 0) stays in the sweep's own process while its runs train. Running out of
+    GPU memory there is the one line a run gives."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from .step import resolve_device
+
+    if resolve_device(cfg.device).type != "cuda":
+        return seconds_per_cost(cfg)
+    probe = subprocess.run([sys.executable, "-m", "resexp.estimate"], input=OmegaConf.to_yaml(cfg, resolve=True),
+                           capture_output=True, text=True)
+    lines = probe.stdout.strip().splitlines()
+    if probe.returncode == 0 and lines:
+        return float(lines[-1])
+    from .errors import UsageError
+
+    problem = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+    raise UsageError(f"measuring a step of {cfg.arch}-{cfg.depth} for the cost estimate failed: {problem}")
 
 
 def cost_line(configs: list[DictConfig], costs: list[float], parallel: int = 1) -> str | None:
@@ -90,11 +132,11 @@ def cost_line(configs: list[DictConfig], costs: list[float], parallel: int = 1) 
     if not left:
         return None
     cheapest = min((cfg for cfg, _ in left), key=lambda cfg: macs_per_image(cfg) * cfg.schedule.batch_size)
-    rate = seconds_per_cost(cheapest)
+    rate = seconds_per_cost_apart(cheapest)
     seconds = rate * sum(cost for _, cost in left) / max(1, parallel)
     import torch
 
-    from .train import resolve_device
+    from .step import resolve_device
 
     if seconds < WORTH_SAYING_S:
         return None
@@ -129,3 +171,21 @@ def eta_of_sweep(sweep_dir: Path, runs: list[dict]) -> float | None:
     if not cost_done:
         return None
     return spent / cost_done * cost_left
+
+
+if __name__ == "__main__":  # the probe of seconds_per_cost_apart: a resolved config on stdin, the rate on stdout
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from .errors import UsageError
+    from .step import caused_by_out_of_memory, error_line
+
+    probed = OmegaConf.create(sys.stdin.read())
+    try:
+        print(seconds_per_cost(probed))
+    except Exception as error:
+        line = (f"out of GPU memory at batch size {probed.schedule.batch_size}; use a smaller schedule.batch_size"
+                if caused_by_out_of_memory(error) else str(error) if isinstance(error, UsageError) else error_line(error))
+        print(line, file=sys.stderr)
+        sys.exit(2)

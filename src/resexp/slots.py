@@ -166,7 +166,7 @@ def run_in_slots(planned: list[dict], sweep_dir: Path, gpus: list[int] | None = 
 
 def threads_per_job(slots: int) -> int:
     """CPU threads for each job: this process's cores shared out, never more than OMP_NUM_THREADS asks."""
-    from .train import usable_cores
+    from .machine import usable_cores
 
     threads = max(1, usable_cores() // slots)
     asked = os.environ.get("OMP_NUM_THREADS", "").strip()

@@ -141,7 +141,8 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
     process is training) is refused here too, before anything is written into it.
     """
     from .estimate import run_cost
-    from .train import check_machine, check_resumable, finished_result
+    from .step import check_machine
+    from .train import check_resumable, finished_result
 
     found: list[str] = []
     planned = []
