@@ -103,7 +103,7 @@ def main(out: Path, work: Path, mode: str, total_s: int) -> None:
     cuda_tests = (work / "cuda-tests.txt").read_text().strip() if (work / "cuda-tests.txt").exists() else "not run"
 
     lines = ["# GPU check", "",
-             f"{environment.get('gpu') or 'no usable GPU'} ({environment.get('gpu_memory_gib')} GiB, "
+             f"{environment.get('gpu') or ('no usable GPU' if environment.get('unusable_gpu') else 'no GPU')} ({environment.get('gpu_memory_gib')} GiB, "
              f"{environment.get('gpu_count')} visible), driver {environment.get('driver')}, CUDA "
              f"{environment.get('cuda')}, cuDNN {environment.get('cudnn')}, torch {environment.get('torch')}, Python "
              f"{environment.get('python')}, {environment.get('cpu_cores')} CPU cores; whole check {total_s} s."]

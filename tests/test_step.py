@@ -535,3 +535,24 @@ def test_the_run_the_step_and_the_modules_below_import_each_other_in_one_directi
     cycles = sorted(name for name in watched if reaches(name, name))
     assert not cycles, f"import cycles through {cycles}: {imports}"
     assert "train" not in imports["step"] and "step" in imports["train"]  # the run sits above the step
+
+
+def test_a_gpu_sweep_compiles_each_kind_of_net_once_before_its_runs_start(monkeypatch, counted_compiles):
+    """Nets that differ only in depth share their compiled blocks: one compile per kind of net, at the
+    smallest depth that has every block shape (ResNet-14), warms the cache for the whole sweep."""
+    from resexp import step as step_module
+
+    def configs(*overrides):
+        return [config_module.compose([*SMOKE, f"arch={arch}", f"depth={depth}", *overrides])
+                for arch in ("plain", "resnet") for depth in (8, 20, 56)]
+
+    real_resolve_device = step_module.resolve_device
+    monkeypatch.setattr(step_module, "resolve_device", lambda name: torch.device("cuda"))
+    families = step_module.compile_families(configs())
+    assert sorted((cfg.arch, cfg.depth) for cfg in families) == [("plain", 14), ("resnet", 14)]
+    assert [cfg.depth for cfg in step_module.compile_families(configs()[:1])] == [8]  # ResNet-8 alone: its own
+    assert step_module.compile_families(configs("compile=false")) == []
+    assert len(step_module.compile_families(configs("model.shortcut=B"))) == 2  # plain nets have no shortcut
+    monkeypatch.setattr(step_module, "resolve_device", real_resolve_device)
+    step_module.warm_compile_cache(config_module.compose([*SMOKE, "depth=14", "device=cpu"]))
+    assert len(counted_compiles) == 5

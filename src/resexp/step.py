@@ -523,3 +523,80 @@ def evaluate(model, images, labels, mean, batch_size: int, amp) -> tuple[float, 
     model.train(was_training)
     loss, errors = (totals / len(images)).tolist()
     return loss, errors
+
+
+# --- warming the compile cache ------------------------------------------------------------------
+
+def compile_families(configs) -> list:
+    """One config for each kind of net among ``configs`` whose runs compile on a GPU: nets that differ
+    only in depth compile the same blocks (at the same batch size and precision). Each is the
+    family's smallest net that still has every block shape its members have: ResNet-14 holds the
+    five shapes of any deeper CIFAR net."""
+    from omegaconf import OmegaConf
+
+    families: dict[str, object] = {}
+    for cfg in configs:
+        device = resolve_device(cfg.device)
+        if device.type != "cuda" or not resolve_compile(cfg.compile, device, cfg.schedule.iterations):
+            continue
+        key = repr((cfg.arch, OmegaConf.to_container(cfg.model), cfg.schedule.batch_size,
+                    resolve_precision(cfg.precision, device)))
+        smallest = families.get(key)
+        if smallest is None or cfg.depth < smallest.depth:
+            families[key] = cfg
+    representatives = []
+    for smallest in families.values():
+        if smallest.model.family == "cifar" and smallest.depth < 14 < max(
+                cfg.depth for cfg in configs if cfg.arch == smallest.arch):
+            smallest = OmegaConf.merge(smallest, {"depth": 14})
+        representatives.append(smallest)
+    return representatives
+
+
+def warm_compile_cache(cfg) -> None:
+    """One compiled training step of ``cfg``'s net on random data: Inductor's on-disk cache then holds
+    its blocks, and runs started side by side load them instead of each compiling them cold."""
+    from .models import build_model_for
+
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    configure_backend(device)
+    model = build_model_for(cfg).to(device, memory_format=torch.channels_last)
+    step = make_train_step(model, make_optimizer(model, cfg.schedule, device),
+                           torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                           autocast(device, precision), compile=True, cuda_graph=False)
+    batch = cfg.schedule.batch_size
+    step(torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last),
+         torch.randint(0, 10, (batch,), device=device))
+
+
+def warm_compile_cache_apart(configs) -> None:
+    """Compile the blocks of every kind of net among ``configs`` once, in a process of its own (no CUDA
+    context stays in the caller), before their runs start side by side on GPUs. A failure is a warning:
+    each run compiles for itself then."""
+    import subprocess
+    import time
+
+    from omegaconf import OmegaConf
+
+    families = compile_families(configs)
+    if not families:
+        return
+    names = ", ".join(f"{cfg.arch}-{cfg.depth}" for cfg in families)
+    print(f"compiling the blocks of {names} once, for the runs to share", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    documents = OmegaConf.to_yaml(OmegaConf.create({"configs": [OmegaConf.to_container(cfg, resolve=True)
+                                                                 for cfg in families]}))
+    done = subprocess.run([sys.executable, "-m", "resexp.step"], input=documents, capture_output=True, text=True)
+    if done.returncode != 0:
+        problem = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"warning: compiling the blocks ahead failed ({problem}); each run compiles its own", file=sys.stderr)
+        return
+    print(f"compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # warm_compile_cache_apart's process: the configs on stdin
+    from omegaconf import OmegaConf
+
+    for family in OmegaConf.create(sys.stdin.read()).configs:
+        warm_compile_cache(family)

@@ -67,12 +67,18 @@ class ResexpSweeper(Sweeper):
         print(f"sweep folder: {sweep_dir} ({len(planned)} runs)", file=sys.stderr, flush=True)
         if cluster is None:  # the runs train here: say what they will cost
             from resexp.estimate import cost_line
+            from resexp.step import warm_compile_cache_apart
 
             left = [number for number, job in enumerate(planned) if job["cost"] > 0]
-            line = cost_line([configs[number] for number in left], [planned[number]["cost"] for number in left],
-                             parallel=len(gpus) if gpus else 1)
+            try:
+                line = cost_line([configs[number] for number in left], [planned[number]["cost"] for number in left],
+                                 parallel=len(gpus) if gpus else 1)
+            except UsageError as error:  # the probe's step ran out of GPU memory, say
+                exit_with(error)
             if line:
                 print(line, file=sys.stderr, flush=True)
+            if gpus and len(left) > 1:  # runs side by side would each compile the same blocks cold
+                warm_compile_cache_apart([configs[number] for number in left])
         previous_record = resexp_sweep.read_sweep_record(sweep_dir) if sweep_dir.exists() else None
         new_folder = not sweep_dir.exists()
         sweep_dir.mkdir(parents=True, exist_ok=True)
