@@ -64,23 +64,13 @@ def seconds_per_cost(cfg: DictConfig) -> float:
     """
     import torch
 
-    from .models import build_model_for
-    from .step import (autocast, configure_backend, learning_rate_tensor, make_optimizer, make_train_step,
-                       resolve_cuda_graph, resolve_device, resolve_precision)
+    from .step import resolve_cuda_graph, resolve_device, resolve_precision, step_on_random_data
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    configure_backend(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model = build_model_for(cfg).to(device, memory_format=torch.channels_last)
-        lr = learning_rate_tensor(cfg.schedule.lr, device)
-        step = make_train_step(model, make_optimizer(model, cfg.schedule, device, lr=lr),
-                               torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-                               autocast(device, precision), compile=False,
-                               cuda_graph=resolve_cuda_graph(cfg.cuda_graph, device, precision))
-        batch = cfg.schedule.batch_size
-        x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (batch,), device=device)
+        step, x, y = step_on_random_data(cfg, compile=False,
+                                         cuda_graph=resolve_cuda_graph(cfg.cuda_graph, device, precision))
         for _ in range(UNTIMED_STEPS):  # cuDNN's autotuning, the graph's capture
             step(x, y)
         timed = TIMED_STEPS[device.type]
@@ -91,10 +81,10 @@ def seconds_per_cost(cfg: DictConfig) -> float:
             loss, _ = step(x, y)
         float(loss)  # waits for the device
         seconds = (time.perf_counter() - start) / timed
-    del step, model
+    del step, x, y
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the training that follows in this process gets the probe's memory back
-    return seconds / (macs_per_image(cfg) * batch)
+    return seconds / (macs_per_image(cfg) * cfg.schedule.batch_size)
 
 
 def seconds_per_cost_apart(cfg: DictConfig) -> float:

@@ -553,21 +553,30 @@ def compile_families(configs) -> list:
     return representatives
 
 
-def warm_compile_cache(cfg) -> None:
-    """One compiled training step of ``cfg``'s net on random data: Inductor's on-disk cache then holds
-    its blocks, and runs started side by side load them instead of each compiling them cold."""
+def step_on_random_data(cfg, *, compile: bool, cuda_graph: bool):
+    """``cfg``'s net and step as ``resexp train`` builds them, and one batch of random images to step
+    on (the time and memory of a step depend on shapes only): ``(step, x, y)``. For the cost probe
+    and for warming the compile cache."""
     from .models import build_model_for
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     configure_backend(device)
     model = build_model_for(cfg).to(device, memory_format=torch.channels_last)
-    step = make_train_step(model, make_optimizer(model, cfg.schedule, device),
+    lr = learning_rate_tensor(cfg.schedule.lr, device)
+    step = make_train_step(model, make_optimizer(model, cfg.schedule, device, lr=lr),
                            torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-                           autocast(device, precision), compile=True, cuda_graph=False)
+                           autocast(device, precision), compile=compile, cuda_graph=cuda_graph)
     batch = cfg.schedule.batch_size
-    step(torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last),
-         torch.randint(0, 10, (batch,), device=device))
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    return step, x, torch.randint(0, 10, (batch,), device=device)
+
+
+def warm_compile_cache(cfg) -> None:
+    """One compiled training step of ``cfg``'s net on random data: Inductor's on-disk cache then holds
+    its blocks, and runs started side by side load them instead of each compiling them cold."""
+    step, x, y = step_on_random_data(cfg, compile=True, cuda_graph=False)
+    step(x, y)
 
 
 def warm_compile_cache_apart(configs) -> None:
