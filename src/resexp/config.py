@@ -21,6 +21,7 @@ from .errors import UsageError
 from .data import DATASET_NAMES
 from .files import unusable_folder_reason, unwritable_reason
 from .models import ARCHS, BLOCKS, FAMILIES, MLP_MIN_DEPTH, SHORTCUTS, is_cifar_depth
+from .trackers import LOGGERS, missing_package_problems
 
 CONFIG_MODULE = "resexp.conf"
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,7 +33,7 @@ BENCH_MEASURES = ("throughput", "memory")  # what resexp bench measures: images/
 # Keys that may differ when a run resumes: where results go and how they are shown,
 # not what is trained.
 RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "compile", "cuda_graph", "sweep",
-                         "launcher", "data.root", "data.download")
+                         "launcher", "logger", "data.root", "data.download")
 
 
 # --- run names ---------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def known_keys(config_name: str = "config") -> tuple[str, ...]:
     (composing would need Hydra, which may be mid-run when a sweep reports an error).
     ``config_name="bench"`` adds the keys of conf/bench.yaml."""
     root = config_folder()
-    keys = {"data", "schedule", "launcher", "experiment"}  # the config groups
+    keys = {"data", "schedule", "launcher", "logger", "experiment"}  # the config groups
 
     def add(node, prefix: str) -> None:
         for key, value in node.items():
@@ -347,6 +348,18 @@ def problems(cfg: DictConfig) -> list[str]:
         typed = gpus if gpus == "all" else ",".join(map(str, gpus))
         found.append(f"gpus={typed} runs several jobs at once on this machine, but "
                      f"launcher={launcher} starts each job itself (one GPU per job); drop gpus or use launcher=local")
+
+    # Loggers (conf/logger/): their packages come with the tracking extra, which is optional.
+    loggers = OmegaConf.select(cfg, "logger", default=None) or {}
+    if not isinstance(loggers, DictConfig) or any(name not in LOGGERS for name in loggers):
+        found.append(f"logger must be one of {', '.join(LOGGERS)}, or a list of them (logger=[tensorboard,mlflow]); "
+                     f"got {OmegaConf.to_container(loggers) if isinstance(loggers, DictConfig) else loggers!r}")
+    else:
+        found += missing_package_problems(cfg)
+        for key in ("logger.tensorboard.log_dir", "logger.mlflow.tracking_uri"):
+            value = OmegaConf.select(cfg, key, default=None)
+            need(value is None or (isinstance(value, str) and value.strip() != ""), key,
+                 "null (the default place) or a folder or URI")
     return found
 
 

@@ -47,6 +47,7 @@ from .files import (CHECKPOINT, CONFIG, ENV, LOCK, METRICS, RESULT, append_jsonl
                     atomic_write_text, read_json, read_jsonl, read_result, write_jsonl)
 from .models import build_model_for, count_parameters, gradient_norms
 from .signals import RunInterrupted, StopSignals
+from .trackers import open_trackers
 
 CHECKPOINT_FORMAT = 1
 
@@ -860,6 +861,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
     atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_json(run_dir / ENV, {**environment(device), "resumed_at_iteration": iteration or None,
                                              "precision": precision})
+    trackers = open_trackers(cfg, run_dir, iteration)  # logger=...: TensorBoard, MLflow, from this iteration on
     session_start = time.perf_counter()
 
     def elapsed() -> float:
@@ -875,6 +877,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
             "config": config,
         })
+        trackers.checkpointed(iteration)
 
     def write_result(status: str, **extra) -> dict:
         """result.json: the run's status and latest numbers."""
@@ -892,6 +895,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
             "device": str(device), "precision": precision, "error": None, "diverged_at": None, **extra,
         }
         atomic_write_json(run_dir / RESULT, record)
+        trackers.ended(status, record)
         return record
 
     if not cfg.sweep.size:  # a single run, its data and net in place: say what it will cost (a sweep says it once)
@@ -942,7 +946,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
                     test_loss, test_error = evaluate(model, test_images, test_labels, mean,
                                                      schedule.eval_batch_size, amp)
                     train_loss = loss_sum / seen
-                    append_jsonl(run_dir / METRICS, {
+                    append_jsonl(run_dir / METRICS, evaluation := {
                         "iteration": iteration, "epoch": round(iteration / batches.steps_per_epoch, 3), "lr": lr,
                         "train_loss": train_loss, "train_error": errors / seen,
                         "test_loss": test_loss, "test_error": test_error, "eval_set": data.eval_set,
@@ -951,6 +955,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
                         "grad_norms": gradient_norms(model),
                         "images_per_s": round(seen / max(now - interval_start, 1e-9), 1),
                     })
+                    trackers.log(evaluation)
                     progress.show(lr=f"{lr:.3g}", loss=f"{train_loss:.3f}", err=f"{errors / seen:.1%}", test=f"{test_error:.1%}",
                                   ips=f"{seen / max(now - interval_start, 1e-9):.0f}")
                     interval_start = time.perf_counter()
