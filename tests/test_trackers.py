@@ -88,6 +88,9 @@ def test_logger_group_composes_and_changes_no_run_name_nor_resume(tmp_path):
     assert sweep_module.sweep_name(sweep_module.parse_overrides(["depth=8", "logger=[tensorboard,mlflow]"])) == "depth8"
     with pytest.raises(UsageError, match=r"logger=\[tensorboard,mlflow\]"):
         sweep_module.expand_grid({}, ["logger=tensorboard,mlflow"], [])
+    assert config_module.unknown_key_line("logger.mlflow.tracking_uri") == \
+        "logger.mlflow.tracking_uri is a key of logger=mlflow, which is not selected; add logger=mlflow " \
+        "(or logger=[...] with it)"
 
 
 def test_a_logger_without_its_package_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, hydra_in_process):

@@ -131,6 +131,10 @@ def hydra_error_line(error: BaseException, config_name: str = "config") -> str:
 
 
 def unknown_key_line(key: str, config_name: str = "config") -> str:
+    group, _, option = key.partition(".")
+    if group == "logger" and key in known_keys(config_name):  # a logger's key, that logger not selected
+        name = option.split(".")[0]
+        return f"{key} is a key of logger={name}, which is not selected; add logger={name} (or logger=[...] with it)"
     close = difflib.get_close_matches(key, known_keys(config_name), n=1, cutoff=0.6)
     command = "train" if config_name == "config" else config_name  # conf/bench.yaml is resexp bench's
     hint = f"did you mean {close[0]}?" if close else f"resexp {command} --help lists the main ones"
