@@ -174,6 +174,34 @@ def test_a_diverged_run_ends_its_mlflow_run_as_failed(tmp_path, mlflow_client):
     assert (run.info.status, run.data.tags["status"]) == ("FAILED", "diverged")
 
 
+def test_a_failing_logger_warns_once_and_the_run_trains_on(tmp_path, monkeypatch, capsys, event_accumulator):
+    """A full disk under the log dir: one warning line, the run and its own files complete, status names the logger."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from resexp.status import status_command
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    log_dir = tmp_path / "events"
+    cfg = compose(tmp_path, "logger=tensorboard", f"logger.tensorboard.log_dir={log_dir}")
+    monkeypatch.setattr(SummaryWriter, "add_scalar", disk_full)
+    run_dir = tmp_path / "out" / "full"
+    assert train(cfg, run_dir)["outcome"] == "trained"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "logger tensorboard failed" in line]
+    assert warnings == ["warning: full: logger tensorboard failed (OSError: [Errno 28] No space left on device); "
+                        "training goes on without it"]
+    assert metric_steps(run_dir) == EVALUATIONS
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "done"
+    assert list((log_dir / "full").glob("events.out.tfevents.*"))  # the configured log dir, <log_dir>/<run>
+    assert status_command([str(run_dir)]) == 0
+    assert "full: logger tensorboard failed: OSError: [Errno 28] No space left on device" in capsys.readouterr().out
+    assert config_module.problems(compose(tmp_path, "logger=tensorboard",
+                                          f"logger.tensorboard.log_dir={run_dir / 'result.json'}")) == \
+        [f"logger.tensorboard.log_dir={run_dir / 'result.json'} cannot hold event files: "
+         f"{run_dir / 'result.json'} is a file, not a folder; give a folder for them"]
+
+
 # --- a sweep: its runs side by side, its figures --------------------------------------------------
 
 def test_a_sweep_logs_every_run_and_its_figures(tmp_path, cli_env, event_accumulator, mlflow_client):

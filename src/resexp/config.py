@@ -364,6 +364,10 @@ def problems(cfg: DictConfig) -> list[str]:
             value = OmegaConf.select(cfg, key, default=None)
             need(value is None or (isinstance(value, str) and value.strip() != ""), key,
                  "null (the default place) or a folder or URI")
+        log_dir = OmegaConf.select(cfg, "logger.tensorboard.log_dir", default=None)
+        if isinstance(log_dir, str) and log_dir.strip() and (reason := unusable_folder_reason(log_dir)):
+            found.append(f"logger.tensorboard.log_dir={log_dir} cannot hold event files: {reason}; "
+                         "give a folder for them")
     return found
 
 
