@@ -217,6 +217,28 @@ def mlflow_store(cfg: DictConfig) -> tuple[str, str | None]:
     return f"sqlite:///{out / 'mlflow.db'}", (out / "mlflow-artifacts").as_uri()
 
 
+def mlflow_experiment(client, name: str, artifact_location: str | None) -> str:
+    """The id of the sweep's experiment, made by whoever comes first (the sweep, or a lone run)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:
+        found = client.get_experiment_by_name(name)  # made meanwhile by a run started beside this one
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def prepare_sweep(configs: list[DictConfig], sweep_dir: Path) -> None:
+    """Before a sweep's runs start (side by side, or on cluster nodes): its MLflow experiment, and a
+    local store's tables, made once here rather than by every run at the same moment."""
+    for uri, artifact_location in {mlflow_store(cfg) for cfg in configs if "mlflow" in (cfg.logger or {})}:
+        _warn_on_failure(f"the MLflow experiment {sweep_dir.name} was not made before the runs",
+                         lambda: mlflow_experiment(mlflow_client(uri), sweep_dir.name, artifact_location))
+
+
 class MlflowLogger:
     name = "mlflow"
     batch_size = 1000  # MLflow takes at most 1,000 metrics per log_batch
@@ -233,7 +255,7 @@ class MlflowLogger:
             self.run_id = read_json(kept)["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            experiment_id = self._experiment(sweep_name(cfg, run_dir), artifact_location)
+            experiment_id = mlflow_experiment(self.client, sweep_name(cfg, run_dir), artifact_location)
             env = read_json(run_dir / ENV) if (run_dir / ENV).exists() else {}
             tags = {"arch": cfg.arch, "depth": cfg.depth, "seed": cfg.seed, "status": "running",
                     "git_sha": env.get("git_sha"), "mlflow.source.git.commit": env.get("git_sha"),
@@ -246,19 +268,6 @@ class MlflowLogger:
                       flat_config(OmegaConf.to_container(cfg, resolve=True)).items()]
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
                 self.client.log_batch(self.run_id, params=params[start:start + 100])
-
-    def _experiment(self, name: str, artifact_location: str | None) -> str:
-        """The sweep's experiment, made by whichever of its runs comes first."""
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
-        except Exception:
-            found = self.client.get_experiment_by_name(name)  # made meanwhile by another run of the sweep
-            if found is None:
-                raise
-            return found.experiment_id
 
     def log(self, metrics: dict) -> None:
         self.pending.append(metrics)
