@@ -166,6 +166,18 @@ def test_a_crashed_and_resumed_run_is_one_curve_and_one_mlflow_run(tmp_path, mon
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def test_loggers_added_to_a_resumed_run_get_its_earlier_evaluations(tmp_path, event_accumulator, mlflow_client):
+    run_dir = tmp_path / "out" / "run"
+    assert train(compose(tmp_path), run_dir, stop_after=6)["outcome"] == "stopped"
+    assert train(compose(tmp_path, "logger=[tensorboard,mlflow]"), run_dir)["outcome"] == "resumed"
+    events = event_accumulator(str(run_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("error/test")] == EVALUATIONS
+    client = mlflow_client(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    run = only_run(client, "run")
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "error/test")) == EVALUATIONS
+
+
 def test_a_diverged_run_ends_its_mlflow_run_as_failed(tmp_path, mlflow_client):
     cfg = compose(tmp_path, "logger=mlflow", "schedule.lr=1e12", "arch=plain")
     run_dir = tmp_path / "out" / "run"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .files import ENV, LOGGER_ERRORS, MLFLOW_RUN, RESULT, atomic_write_json, read_json
+from .files import ENV, LOGGER_ERRORS, METRICS, MLFLOW_RUN, RESULT, atomic_write_json, read_json, read_jsonl
 
 LOGGERS = ("tensorboard", "mlflow")  # the options of the logger config group (conf/logger/)
 EXTRA = "pip install 'resexp[tracking]'"
@@ -40,12 +40,16 @@ MLFLOW_STATUS = {"running": "RUNNING", "done": "FINISHED", "diverged": "FAILED",
 FIGURES_RUN = "figures"  # the TensorBoard run of a sweep's figures, beside its runs
 
 
+def selected(cfg: DictConfig) -> list[str]:
+    """The loggers a config selects (none by default)."""
+    return list(OmegaConf.select(cfg, "logger", default=None) or {})
+
+
 def missing_package_problems(cfg: DictConfig) -> list[str]:
     """One line per selected logger whose package is not installed (the check before anything trains)."""
     from importlib.util import find_spec
 
-    return [f"logger={name} needs the tracking extra: {EXTRA}"
-            for name in OmegaConf.select(cfg, "logger", default=None) or {} if find_spec(name) is None]
+    return [f"logger={name} needs the tracking extra: {EXTRA}" for name in selected(cfg) if find_spec(name) is None]
 
 
 def scalars(metrics: dict) -> dict[str, float]:
@@ -107,7 +111,7 @@ def open_trackers(cfg: DictConfig, run_dir: Path, iteration: int) -> Trackers:
     if iteration == 0:
         (run_dir / LOGGER_ERRORS).unlink(missing_ok=True)
     loggers = []
-    for name in OmegaConf.select(cfg, "logger", default=None) or {}:
+    for name in selected(cfg):
         try:
             loggers.append(BACKENDS[name](cfg, run_dir, iteration))
         except Exception as error:  # noqa: BLE001 - a logger never stops training
@@ -152,15 +156,18 @@ class TensorBoardLogger:
         if iteration == 0:  # a fresh start: an earlier run's curves in this folder are not this run's
             for old in log_dir.glob("events.out.tfevents.*"):
                 old.unlink()
+        first = not any(log_dir.glob("events.out.tfevents.*"))  # a fresh start, or the logger added on resume
         # Resumed: readers drop the events of earlier sessions from the checkpoint's next step on.
         self.writer = _summary_writer(log_dir, iteration + 1 if iteration else None)
-        if iteration == 0:
+        if first:
             from torch.utils.tensorboard.summary import hparams
 
             config = OmegaConf.to_container(cfg, resolve=True)
             self.writer.add_text("config", "```\n" + OmegaConf.to_yaml(cfg, resolve=True) + "```", 0)
             for summary in hparams(flat_config(config), {"error/train": 0.0, "error/test": 0.0}):
                 self.writer.file_writer.add_summary(summary, 0)
+            for metrics in read_jsonl(run_dir / METRICS):  # the evaluations before this logger was selected
+                self.log(metrics)
             self.writer.flush()
 
     def log(self, metrics: dict) -> None:
@@ -234,7 +241,7 @@ def mlflow_experiment(client, name: str, artifact_location: str | None) -> str:
 def prepare_sweep(configs: list[DictConfig], sweep_dir: Path) -> None:
     """Before a sweep's runs start (side by side, or on cluster nodes): its MLflow experiment, and a
     local store's tables, made once here rather than by every run at the same moment."""
-    for uri, artifact_location in {mlflow_store(cfg) for cfg in configs if "mlflow" in (cfg.logger or {})}:
+    for uri, artifact_location in {mlflow_store(cfg) for cfg in configs if "mlflow" in selected(cfg)}:
         _warn_on_failure(f"the MLflow experiment {sweep_dir.name} was not made before the runs",
                          lambda: mlflow_experiment(mlflow_client(uri), sweep_dir.name, artifact_location))
 
@@ -268,6 +275,8 @@ class MlflowLogger:
                       flat_config(OmegaConf.to_container(cfg, resolve=True)).items()]
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
                 self.client.log_batch(self.run_id, params=params[start:start + 100])
+            self.pending = read_jsonl(run_dir / METRICS)  # the logger added on resume: the evaluations before
+            self.checkpointed(iteration)
 
     def log(self, metrics: dict) -> None:
         self.pending.append(metrics)
