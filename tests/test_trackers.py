@@ -75,7 +75,8 @@ class Killed(BaseException):
 def test_logger_group_composes_and_changes_no_run_name_nor_resume(tmp_path):
     plain = compose(tmp_path)
     both = compose(tmp_path, "logger=[tensorboard,mlflow]")
-    assert dict(plain.logger) == {}
+    assert dict(plain.logger) == {} and config_module.problems(plain) == []
+    assert config_module.problems(both) == []
     assert set(both.logger) == {"tensorboard", "mlflow"}
     assert both.logger.mlflow.tracking_uri is None and both.logger.tensorboard.log_dir is None
     assert config_module.run_name(both) == config_module.run_name(plain)

@@ -354,8 +354,8 @@ def problems(cfg: DictConfig) -> list[str]:
                      f"launcher={launcher} starts each job itself (one GPU per job); drop gpus or use launcher=local")
 
     # Loggers (conf/logger/): their packages come with the tracking extra, which is optional.
-    loggers = OmegaConf.select(cfg, "logger", default=None) or {}
-    if not isinstance(loggers, DictConfig) or any(name not in LOGGERS for name in loggers):
+    loggers = OmegaConf.select(cfg, "logger", default=None)
+    if loggers is not None and (not isinstance(loggers, DictConfig) or any(name not in LOGGERS for name in loggers)):
         found.append(f"logger must be one of {', '.join(LOGGERS)}, or a list of them (logger=[tensorboard,mlflow]); "
                      f"got {OmegaConf.to_container(loggers) if isinstance(loggers, DictConfig) else loggers!r}")
     else:
