@@ -66,13 +66,22 @@ def only_run(client, experiment_name):
     return runs[0]
 
 
+def pretend_installed(monkeypatch, *installed: str) -> None:
+    """The tracking packages the config check finds: those named, whatever this machine has."""
+    real_find_spec = importlib.util.find_spec
+    tracking = ("tensorboard", "mlflow")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: (
+        (object() if name in installed else None) if name in tracking else real_find_spec(name, *args)))
+
+
 class Killed(BaseException):
     """Stands for SIGKILL: nothing in the run catches it, so nothing is closed or ended."""
 
 
 # --- the config: no extra needed -----------------------------------------------------------------
 
-def test_logger_group_composes_and_changes_no_run_name_nor_resume(tmp_path):
+def test_logger_group_composes_and_changes_no_run_name_nor_resume(tmp_path, monkeypatch):
+    pretend_installed(monkeypatch, "tensorboard", "mlflow")
     plain = compose(tmp_path)
     both = compose(tmp_path, "logger=[tensorboard,mlflow]")
     assert dict(plain.logger) == {} and config_module.problems(plain) == []
@@ -97,9 +106,7 @@ def test_logger_group_composes_and_changes_no_run_name_nor_resume(tmp_path):
 def test_a_logger_without_its_package_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, hydra_in_process):
     from resexp import cli
 
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "mlflow" else real_find_spec(name, *args))
+    pretend_installed(monkeypatch, "tensorboard")
     line = "logger=mlflow needs the tracking extra: pip install 'resexp[tracking]'"
     assert config_module.problems(compose(tmp_path, "logger=[tensorboard,mlflow]")) == [line]
     monkeypatch.chdir(tmp_path)
