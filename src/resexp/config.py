@@ -21,6 +21,7 @@ from .errors import UsageError
 from .data import DATASET_NAMES
 from .files import unusable_folder_reason, unwritable_reason
 from .models import ARCHS, BLOCKS, FAMILIES, MLP_MIN_DEPTH, SHORTCUTS, is_cifar_depth
+from .trackers import LOGGERS, missing_package_problems
 
 CONFIG_MODULE = "resexp.conf"
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,7 +33,7 @@ BENCH_MEASURES = ("throughput", "memory")  # what resexp bench measures: images/
 # Keys that may differ when a run resumes: where results go and how they are shown,
 # not what is trained.
 RESUMABLE_DIFFERENCES = ("out", "name", "resume", "progress", "device", "compile", "cuda_graph", "sweep",
-                         "launcher", "data.root", "data.download")
+                         "launcher", "logger", "data.root", "data.download")
 
 
 # --- run names ---------------------------------------------------------------------------------
@@ -130,6 +131,10 @@ def hydra_error_line(error: BaseException, config_name: str = "config") -> str:
 
 
 def unknown_key_line(key: str, config_name: str = "config") -> str:
+    group, _, option = key.partition(".")
+    if group == "logger" and key in known_keys(config_name):  # a logger's key, that logger not selected
+        name = option.split(".")[0]
+        return f"{key} is a key of logger={name}, which is not selected; add logger={name} (or logger=[...] with it)"
     close = difflib.get_close_matches(key, known_keys(config_name), n=1, cutoff=0.6)
     command = "train" if config_name == "config" else config_name  # conf/bench.yaml is resexp bench's
     hint = f"did you mean {close[0]}?" if close else f"resexp {command} --help lists the main ones"
@@ -181,7 +186,7 @@ def known_keys(config_name: str = "config") -> tuple[str, ...]:
     (composing would need Hydra, which may be mid-run when a sweep reports an error).
     ``config_name="bench"`` adds the keys of conf/bench.yaml."""
     root = config_folder()
-    keys = {"data", "schedule", "launcher", "experiment"}  # the config groups
+    keys = {"data", "schedule", "launcher", "logger", "experiment"}  # the config groups
 
     def add(node, prefix: str) -> None:
         for key, value in node.items():
@@ -347,6 +352,22 @@ def problems(cfg: DictConfig) -> list[str]:
         typed = gpus if gpus == "all" else ",".join(map(str, gpus))
         found.append(f"gpus={typed} runs several jobs at once on this machine, but "
                      f"launcher={launcher} starts each job itself (one GPU per job); drop gpus or use launcher=local")
+
+    # Loggers (conf/logger/): their packages come with the tracking extra, which is optional.
+    loggers = OmegaConf.select(cfg, "logger", default=None)
+    if loggers is not None and (not isinstance(loggers, DictConfig) or any(name not in LOGGERS for name in loggers)):
+        found.append(f"logger must be one of {', '.join(LOGGERS)}, or a list of them (logger=[tensorboard,mlflow]); "
+                     f"got {OmegaConf.to_container(loggers) if isinstance(loggers, DictConfig) else loggers!r}")
+    else:
+        found += missing_package_problems(cfg)
+        for key in ("logger.tensorboard.log_dir", "logger.mlflow.tracking_uri"):
+            value = OmegaConf.select(cfg, key, default=None)
+            need(value is None or (isinstance(value, str) and value.strip() != ""), key,
+                 "null (the default place) or a folder or URI")
+        log_dir = OmegaConf.select(cfg, "logger.tensorboard.log_dir", default=None)
+        if isinstance(log_dir, str) and log_dir.strip() and (reason := unusable_folder_reason(log_dir)):
+            found.append(f"logger.tensorboard.log_dir={log_dir} cannot hold event files: {reason}; "
+                         "give a folder for them")
     return found
 
 

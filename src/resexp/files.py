@@ -28,6 +28,8 @@ CHECKPOINT = "checkpoint.pt"  # the latest checkpoint
 RESULT = "result.json"  # status and final numbers
 LOCK = "run.lock"  # who is training the run now: process id and host
 SWEEP_RECORD = "sweep.json"  # the planned runs of a sweep
+MLFLOW_RUN = "mlflow_run.json"  # logger=mlflow: the id of the run's MLflow run, which a resumed run continues
+LOGGER_ERRORS = "logger_errors.json"  # the loggers that failed in this run, and how (resexp status shows it)
 # A folder holding any of these is a run folder, whatever state its run is in.
 RUN_FILES = (CONFIG, RESULT, METRICS, CHECKPOINT)
 

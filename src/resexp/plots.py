@@ -52,6 +52,7 @@ from omegaconf import OmegaConf
 from resexp.errors import UsageError
 from resexp.files import CONFIG, METRICS, RESULT, RUN_FILES, atomic_write, atomic_write_text, read_jsonl, read_result
 from resexp.status import format_duration
+from resexp.trackers import log_figures
 
 # He et al. 2015, Table 6 (CIFAR-10 test error %, option-A shortcuts). For
 # ResNet-110 the paper gives the best of 5 runs, 6.43 (mean 6.61 +- 0.16).
@@ -1148,5 +1149,6 @@ def render_all(folder: str | os.PathLike) -> dict:
     curves = plot_curves(runs, folder / "curves.png")
     depth = plot_error_vs_depth(runs, folder / "error_vs_depth.png")
     summary = write_summary(runs, folder)
+    log_figures(runs, curves["files"] + depth["files"])  # to the runs' TensorBoard and MLflow loggers, if any
     files = curves["files"] + depth["files"] + [str(folder / "summary.md"), str(folder / "summary.csv")]
     return {"files": files, "curves": curves, "depth": depth, "summary": summary}

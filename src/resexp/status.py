@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
-from .files import (CONFIG, ENV, METRICS, RESULT, RUN_FILES, SWEEP_RECORD, parse_folder_args, read_json, read_jsonl,
-                    read_result)
+from .files import (CONFIG, ENV, LOGGER_ERRORS, METRICS, RESULT, RUN_FILES, SWEEP_RECORD, parse_folder_args,
+                    read_json, read_jsonl, read_result)
 
 # A running run counts as stalled once its last metrics line is older than this many
 # evaluation intervals, and never sooner than STALLED_AFTER_MIN_S.
@@ -55,6 +55,7 @@ class RunStatus:
     eta_s: float | None = None
     where: str = ""
     error: str | None = None
+    logger_errors: dict = field(default_factory=dict)  # logger name -> how it failed (logger=...)
 
 
 # --- reading one run ----------------------------------------------------------------------------
@@ -103,6 +104,12 @@ def _where(run_dir: Path, submitted_job_id: str | None) -> str:
 
 def run_status(run_dir: Path, planned: dict | None = None, now: float | None = None) -> RunStatus:
     """The state of one run from its folder; ``planned`` is its entry in sweep.json, if any."""
+    status = _run_state(run_dir, planned, now)
+    status.logger_errors = _read_json(run_dir / LOGGER_ERRORS) or {}
+    return status
+
+
+def _run_state(run_dir: Path, planned: dict | None, now: float | None) -> RunStatus:
     planned = planned or {}
     now = time.time() if now is None else now
     name = planned.get("run") or run_dir.name
@@ -240,7 +247,11 @@ def status_table(folder: Path, runs: list[RunStatus]) -> str:
     lines = aligned_table(rows)
     problems = [f"  {run.name}: {run.error.strip().splitlines()[0]}" for run in runs
                 if run.error and run.state in ("failed", "diverged", "stalled", "damaged")]
-    return "\n".join([header, *lines, *(["", "errors:", *problems] if problems else [])])
+    failed_loggers = [f"  {run.name}: logger {name} failed: {error}" for run in runs
+                      for name, error in run.logger_errors.items()]
+    return "\n".join([header, *lines, *(["", "errors:", *problems] if problems else []),
+                      *(["", "loggers (the runs trained on; these loggers lack some of their metrics):", *failed_loggers]
+                        if failed_loggers else [])])
 
 
 def status_command(args: list[str]) -> int:

@@ -78,8 +78,8 @@ def sweep_name(overrides: list) -> str:
     for override in sorted(overrides, key=lambda o: o.get_key_element()):
         key = override.get_key_element().lstrip("+~")
         # Where and how a sweep runs does not change what it trains, nor its folder.
-        if key.split(".")[0] in ("hydra", "launcher", "name", "out", "progress", "resume", "device", "compile",
-                                 "cuda_graph", "sweep"):
+        if key.split(".")[0] in ("hydra", "launcher", "logger", "name", "out", "progress", "resume", "device",
+                                 "compile", "cuda_graph", "sweep"):
             continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() \
             else [override.get_value_element_as_str()]
@@ -125,6 +125,9 @@ def expand_grid(default_params: dict, arguments: list[str], exclude: list[dict])
         jobs.append([f"{key}={value}" for key, value in combination])
     swept = sorted({key.lstrip("+~") for key, values in axes
                     if len({dict(item.split("=", 1) for item in job)[key] for job in jobs}) > 1})
+    if "logger" in swept:  # each run logs to every logger selected: one run, not one per logger
+        raise UsageError("logger=a,b would train every run once per logger; select several loggers as a list: "
+                         "logger=[tensorboard,mlflow]")
     if not jobs:
         raise UsageError("the sweep has no runs left after its exclusions "
                          f"({'; '.join(str(rule) for rule in exclude)}); sweep more values")

@@ -48,6 +48,7 @@ from .signals import RunInterrupted, StopSignals
 from .step import (autocast, caused_by_out_of_memory, configure_backend, error_line, evaluate, learning_rate_tensor,
                    make_optimizer, make_train_step, out_of_memory_message, reattach_lr, resolve_compile,
                    resolve_cuda_graph, resolve_device, resolve_precision)
+from .trackers import open_trackers
 
 CHECKPOINT_FORMAT = 1
 
@@ -347,6 +348,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
     steady_iterations = 0  # the iterations train_time_s timed
     startup_s = 0.0       # each session's first step: compiling, capture, cuDNN's autotuning
     best_test_error = math.inf
+    trackers = None  # logger=...: TensorBoard, MLflow; opened once the run's records are written
     session_start = time.perf_counter()
 
     def elapsed() -> float:
@@ -370,6 +372,8 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
             "device": str(device), "precision": precision, "error": None, "diverged_at": None, **extra,
         }
         atomic_write_json(run_dir / RESULT, record)
+        if trackers is not None:
+            trackers.ended(status, record)
         return record
 
     progress = None
@@ -428,6 +432,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
         atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
         atomic_write_json(run_dir / ENV, {**environment(device), "resumed_at_iteration": iteration or None,
                                           "precision": precision})
+        trackers = open_trackers(cfg, run_dir, iteration)  # from this iteration on
 
         def checkpoint_now() -> None:
             save_checkpoint(run_dir / CHECKPOINT, {
@@ -440,6 +445,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                 "config": config,
             })
+            trackers.checkpointed(iteration)
 
         if not cfg.sweep.size:  # a single run, its data and net in place: say what it will cost (a sweep says it once)
             from .estimate import cost_line, run_cost
@@ -499,7 +505,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
                     test_loss, test_error = evaluate(model, test_images, test_labels, mean,
                                                      schedule.eval_batch_size, amp)
                     train_loss = loss_sum / seen
-                    append_jsonl(run_dir / METRICS, {
+                    append_jsonl(run_dir / METRICS, evaluation := {
                         "iteration": iteration, "epoch": round(iteration / batches.steps_per_epoch, 3), "lr": lr,
                         "train_loss": train_loss, "train_error": errors / seen,
                         "test_loss": test_loss, "test_error": test_error, "eval_set": data.eval_set,
@@ -508,6 +514,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
                         "grad_norms": gradient_norms(model),
                         "images_per_s": round(images_per_s, 1) if interval_images else None,
                     })
+                    trackers.log(evaluation)
                     progress.show(lr=f"{lr:.3g}", loss=f"{train_loss:.3f}", err=f"{errors / seen:.1%}",
                                   test=f"{test_error:.1%}", ips=f"{images_per_s:.0f}")
                     interval_start = time.perf_counter()

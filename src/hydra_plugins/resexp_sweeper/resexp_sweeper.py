@@ -47,6 +47,7 @@ class ResexpSweeper(Sweeper):
 
         from resexp import slots
         from resexp.data import fetch_cifar10
+        from resexp.trackers import prepare_sweep
 
         # Every check before anything is written or trains: each job's config and what it needs of this
         # machine (plan_jobs), the GPUs of gpus=..., and the data set, fetched once for all runs.
@@ -88,6 +89,7 @@ class ResexpSweeper(Sweeper):
         record = {"name": sweep_dir.name, "arguments": list(arguments), "swept": swept, "runs": planned}
         resexp_sweep.write_sweep_record(sweep_dir, record)
         job_overrides = [job["overrides"] for job in planned]
+        prepare_sweep(configs, sweep_dir)  # logger=mlflow: the sweep's experiment, before its runs start
 
         if cluster is not None:
             # A finished run would only cost a queue wait (and a GPU) to be skipped in its job.
