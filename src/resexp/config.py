@@ -175,6 +175,12 @@ def model_defaults() -> dict:
     return _config_file("config.yaml")["model"]
 
 
+@functools.lru_cache(maxsize=1)
+def paper_schedule() -> dict:
+    """The paper's recipe: ``schedule.*`` as conf/schedule/paper.yaml sets it."""
+    return _config_file("schedule/paper.yaml")
+
+
 @functools.lru_cache(maxsize=2)
 def known_keys(config_name: str = "config") -> tuple[str, ...]:
     """Every key a user can set, as dotted paths, read from the config files themselves

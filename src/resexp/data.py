@@ -29,6 +29,7 @@ from resexp.errors import UsageError
 from resexp.files import atomic_write
 
 DATASET_NAMES = ("cifar10", "imagefolder", "synthetic")
+CIFAR10_TRAIN_IMAGES = 50_000  # the training set when the config does not size it
 IMAGE_SIZE = 32  # the CIFAR networks assume 32x32 inputs
 CACHE_FILENAME = ".resexp-cache.pt"
 CACHE_FORMAT_VERSION = 1  # bump when the cached tensors' layout or decoding changes

@@ -12,7 +12,10 @@ Outputs (``render_all``):
 - ``error_vs_depth.png``/``.pdf``: error against number of layers, at the end
   of training and just before the first learning-rate drop;
 - ``summary.md``/``.csv``: one row per configuration, with the paper's Table 6
-  numbers for the paper's nets.
+  numbers for the paper's nets trained as the paper trained them (``paper_comparison_gap``).
+
+Every figure and table says how much of the paper's schedule its runs trained
+(``schedule_scale``: iterations, and epochs = iterations x batch / training-set size).
 
 Every ``*_data`` function returns exactly what the matching figure draws, with
 errors in percent, so tests can check numbers instead of pixels.
@@ -493,6 +496,90 @@ def _mean_std(values: list[float]) -> tuple[float, float, int]:
     return mean, std, len(finite)
 
 
+
+# ---------------------------------------------------------------------------
+# How much of the paper's schedule the runs trained, and when Table 6 applies
+
+
+def _training_images(run: RunRecord) -> int | None:
+    """How many images a run trained on, from its config (None when the config does not say)."""
+    from resexp.data import CIFAR10_TRAIN_IMAGES
+
+    data = run.config.get("data") or {}
+    size = data.get("train_size")
+    if size is None and data.get("name") == "cifar10":
+        size = CIFAR10_TRAIN_IMAGES
+    if not isinstance(size, int):
+        return None
+    return size - int(data.get("val_size") or 0)
+
+
+def _epochs(run: RunRecord, iterations: int) -> float | None:
+    """``iterations`` of this run in epochs: iterations x batch / training-set size (from the
+    logged epochs when the config does not give the set's size, e.g. an image folder)."""
+    batch = (run.config.get("schedule") or {}).get("batch_size")
+    images = _training_images(run)
+    if isinstance(batch, int) and images:
+        return iterations * batch / images
+    for row in reversed(run.metrics):
+        epoch = _number(row.get("epoch"))
+        if row["iteration"] > 0 and math.isfinite(epoch) and epoch > 0:
+            return iterations * epoch / row["iteration"]
+    return None
+
+
+def _format_epochs(epochs: float) -> str:
+    if epochs >= 10:
+        return f"{epochs:,.0f} epochs"
+    return f"{epochs:.2g} epochs" if epochs < 0.1 else f"{epochs:.1f} epochs"
+
+
+def schedule_scale(runs: list[RunRecord]) -> str:
+    """How much of the paper's schedule the runs trained: '1,000 of the paper's 64,000 iterations
+    (0.6 epochs)'; several schedules are joined with ' / '; '' when no run says."""
+    from resexp.config import paper_schedule
+
+    paper_iterations = int(paper_schedule()["iterations"])
+    texts = []
+    for run in runs:
+        planned = _iterations_planned(run)
+        if planned is None:
+            continue
+        text = f"{planned:,} of the paper's {paper_iterations:,} iterations"
+        epochs = _epochs(run, planned)
+        if epochs is not None:
+            text += f" ({_format_epochs(epochs)})"
+        if text not in texts:
+            texts.append(text)
+    return " / ".join(texts)
+
+
+def paper_comparison_gap(runs: list[RunRecord]) -> str | None:
+    """Why the paper's Table 6 does not apply to these runs' numbers, or None when it does: Table 6
+    is for nets trained on all of CIFAR-10's training set for the paper's whole schedule."""
+    from resexp.config import paper_schedule
+
+    for run in runs:
+        data = run.config.get("data") or {}
+        schedule = run.config.get("schedule") or {}
+        if not schedule:
+            return f"{run.name} has no config.yaml, so its schedule is unknown"
+        if data.get("name") != "cifar10":
+            return f"the runs trained on {_dataset_name(str(data.get('name')))}, not the paper's CIFAR-10"
+        if data.get("train_size") is not None or data.get("val_size") is not None:
+            return "the runs trained on part of CIFAR-10's training set, the paper on all of it"
+        changed = [key for key, value in paper_schedule().items()
+                   if not isinstance(value, dict) and key not in ("name", "eval_every", "checkpoint_every",
+                                                                  "eval_batch_size")
+                   and _hashable(schedule.get(key)) != _hashable(value)]
+        if changed:
+            planned = _iterations_planned(run)
+            if "iterations" in changed and planned is not None:
+                return f"the runs trained {schedule_scale([run])}, not the whole schedule"
+            return "the runs changed the paper's schedule (" + ", ".join(f"schedule.{k}" for k in changed) + ")"
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Error curves (Figure 6)
 
@@ -632,26 +719,26 @@ def _dataset_name(name: str) -> str:
 
 
 def _figure_title(runs: list[RunRecord], eval_set: str) -> str:
+    key = f"dashed = training error, bold = {eval_set} error; {TRAIN_ERROR_NOTE}"
+    head = _runs_heading(runs)
+    return f"{head}\n{key}" if head else key
+
+
+def _runs_heading(runs: list[RunRecord]) -> str:
+    """What the runs trained on and for how long, for a figure's title: 'CIFAR-10, 1,000 of the
+    paper's 64,000 iterations (0.6 epochs), lr drops at 700, 900'."""
     datasets = sorted({str((r.config.get("data") or {}).get("name")) for r in runs
                        if (r.config.get("data") or {}).get("name")})
-    schedules = sorted({str((r.config.get("schedule") or {}).get("name")) for r in runs
-                        if (r.config.get("schedule") or {}).get("name")})
     parts = []
     if datasets:
         parts.append(" / ".join(_dataset_name(d) for d in datasets))
-    if schedules:
-        text = f"schedule {' / '.join(schedules)}"
-        planned = {_iterations_planned(r) for r in runs} - {None}
+    scale = schedule_scale(runs)
+    if scale:
         milestones = {tuple(_milestones(r)) for r in runs}
-        if len(planned) == 1:
-            text += f" ({_short_count(planned.pop())} iterations"
-            if len(milestones) == 1 and (m := milestones.pop()):
-                text += ", lr drops at " + ", ".join(_short_count(x) for x in m)
-            text += ")"
-        parts.append(text)
-    head = ", ".join(parts)
-    key = f"dashed = training error, bold = {eval_set} error; {TRAIN_ERROR_NOTE}"
-    return f"{head}\n{key}" if head else key
+        if len(milestones) == 1 and (m := milestones.pop()):
+            scale += ", lr drops at " + ", ".join(_short_count(x) for x in m)
+        parts.append(scale)
+    return ", ".join(parts)
 
 
 def plot_curves(runs: list[RunRecord], path: str | os.PathLike, ymax: float | None = None) -> dict:
@@ -814,8 +901,10 @@ def error_vs_depth_data(runs: list[RunRecord], at_iteration: int | None = None) 
     if at is not None:
         at["title"] = _at_title(at, before_drop)
     eval_set = _eval_set_name(runs)
+    head = _runs_heading(runs)
     return {
-        "title": f"Error vs. depth: dashed = training error, solid = {eval_set} error; {TRAIN_ERROR_NOTE}",
+        "title": f"Error vs. depth{': ' + head if head else ''}\n"
+                 f"dashed = training error, solid = {eval_set} error; {TRAIN_ERROR_NOTE}",
         "eval_set": eval_set,
         "end": end,
         "at": at,
@@ -916,7 +1005,7 @@ SUMMARY_COLUMNS = [
     "final_train_error_pct", "final_train_error_pct_std",
     "final_test_error_pct", "final_test_error_pct_std",
     "best_test_error_pct", "paper_test_error_pct",
-    "iterations_done_min", "iterations_done_max", "iterations_planned",
+    "iterations_done_min", "iterations_done_max", "iterations_planned", "epochs_planned",
     "wall_time_s", "images_per_s", "status",
 ]
 
@@ -956,11 +1045,16 @@ def summary_rows(runs: list[RunRecord]) -> list[dict]:
             "iterations_done_min": min(done) if done else None,
             "iterations_done_max": max(done) if done else None,
             "iterations_planned": max(planned) if planned else None,
+            "epochs_planned": _round_or_none(_epochs(group.runs[0], max(planned)) if planned else None),
             "wall_time_s": _mean_of(_wall_time(r) for r in counted),
             "images_per_s": _mean_of(_images_per_s(r) for r in counted),
             "status": _status_text(group, counted),
         })
     return rows
+
+
+def _round_or_none(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _pct(fraction: float) -> float | None:
@@ -990,14 +1084,17 @@ def _images_per_s(run: RunRecord) -> float:
 
 def _paper_value(group: _Group) -> float | None:
     """Table 6 applies to the paper's nets only: ResNets with every ``model.*`` option at its default
-    (conv nets, basic blocks, option-A shortcuts, an unscaled residual branch)."""
+    (conv nets, basic blocks, option-A shortcuts, an unscaled residual branch), trained as the paper
+    trained them (``paper_comparison_gap``)."""
     from resexp.config import model_defaults
 
     model = group.runs[0].config.get("model") or {}
     # model.width sizes MLPs only; family=cifar, checked with the rest, already leaves MLPs out.
     paper_net = group.arch == "resnet" and all(model.get(key, default) == default
                                                for key, default in model_defaults().items() if key != "width")
-    return PAPER_RESNET_TEST_ERROR.get(group.depth) if paper_net else None
+    if not paper_net or paper_comparison_gap(group.runs):
+        return None
+    return PAPER_RESNET_TEST_ERROR.get(group.depth)
 
 
 def _status_text(group: _Group, counted: list[RunRecord]) -> str:
@@ -1032,7 +1129,7 @@ def write_summary(runs: list[RunRecord], folder: str | os.PathLike) -> list[dict
     folder = Path(folder)
     rows = summary_rows(runs)
     atomic_write_text(folder / "summary.csv", _summary_csv(rows))
-    atomic_write_text(folder / "summary.md", _summary_markdown(rows, _eval_set_name(runs)))
+    atomic_write_text(folder / "summary.md", _summary_markdown(rows, runs))
     return rows
 
 
@@ -1045,15 +1142,19 @@ def _summary_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def _summary_markdown(rows: list[dict], eval_set: str) -> str:
+def _summary_markdown(rows: list[dict], runs: list[RunRecord]) -> str:
+    eval_set = _eval_set_name(runs)
     show_variant = any(row["variant"] for row in rows)
+    show_paper = any(row["paper_test_error_pct"] is not None for row in rows)
     eval_name = "test" if eval_set == "test" else eval_set
     header = ["model"] + (["variant"] if show_variant else []) + [
         "params", "train err. %", f"{eval_name} err. %", "n", f"best {eval_name} err. %",
-        "paper test err. %", "iterations", "wall time", "images/s", "status",
+        *(["paper test err. %"] if show_paper else []), "iterations", "wall time", "images/s", "status",
     ]
-    align = ["---"] + (["---"] if show_variant else []) + ["--:"] * 9 + ["---"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    align = ["---"] + (["---"] if show_variant else []) + ["--:"] * (len(header) - 2 - show_variant) + ["---"]
+    scale = schedule_scale(runs)
+    lines = [f"Schedule: {scale}, each run.", ""] if scale else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for row in rows:
         cells = [f"{net_prefix(row['arch'], row['family'])}-{row['depth']}"]
         if show_variant:
@@ -1064,7 +1165,7 @@ def _summary_markdown(rows: list[dict], eval_set: str) -> str:
             _format_mean_std(row["final_test_error_pct"], row["final_test_error_pct_std"]),
             str(row["n_seeds"]),
             _format_number(row["best_test_error_pct"]),
-            _format_number(row["paper_test_error_pct"]),
+            *([_format_number(row["paper_test_error_pct"])] if show_paper else []),
             _format_iterations(row),
             format_duration(row["wall_time_s"]),
             "" if row["images_per_s"] is None else f"{row['images_per_s']:.0f}",
@@ -1077,10 +1178,18 @@ def _summary_markdown(rows: list[dict], eval_set: str) -> str:
         "deviation, ddof=1; none for a single seed). Training error is measured on the augmented "
         "training batches since the previous evaluation. Diverged runs are excluded from the means; "
         "when some seeds are done, only the done ones are counted.",
-        "Best = lowest {0} error any counted seed reached. Paper = He et al. 2015, Table 6 "
-        "(ResNet-110: best of 5 runs, mean 6.61 ± 0.16), shown only for the paper's nets (conv ResNets, "
-        "basic blocks, option-A shortcuts); the paper reports plain nets only in Figure 6.".format(eval_name),
+        f"Best = lowest {eval_name} error any counted seed reached.",
     ]
+    gap = paper_comparison_gap(runs)
+    if show_paper:
+        footer[-1] += (" Paper = He et al. 2015, Table 6 (ResNet-110: best of 5 runs, mean 6.61 ± 0.16), shown "
+                       "only for the paper's nets (conv ResNets, basic blocks, option-A shortcuts) trained on all "
+                       "of CIFAR-10 for the paper's schedule; the paper reports plain nets only in Figure 6.")
+        if gap:
+            footer.append(f"Rows without a paper value: {gap}.")
+    else:
+        footer.append(f"No paper column: {gap or 'none of these nets is one of the paper’s Table 6'}, "
+                      "so He et al.'s Table 6 errors would not compare.")
     if eval_set != "test":
         footer.append(f"Runs evaluated on a {eval_set} set; the paper's numbers are test error.")
     return "\n".join(lines + footer) + "\n"
