@@ -550,3 +550,45 @@ def test_summary_states_the_schedule_and_compares_with_table_6_only_for_the_pape
     assert resnet["paper_test_error_pct"] == ("7.51" if gap is None else "")
     if not data:  # all 50,000 images: epochs = iterations x batch / 50,000
         assert float(resnet["epochs_planned"]) == pytest.approx(iterations * schedule["batch_size"] / 50_000, abs=1e-3)
+
+
+def test_figures_read_alike_and_name_the_preset_and_its_real_schedule(tmp_path, monkeypatch):
+    """What matplotlib was given: milestones dotted grey (not dashed like training curves), each
+    legend says what colour means, one word (solid) for the test error, one y range for both
+    error-vs-depth panels, and a title naming the preset and the iterations really run."""
+    laptop = {"name": "quick", "iterations": 1000, "milestones": [700, 900], "batch_size": 32}
+    for arch, depth, final in (("plain", 8, 0.5), ("plain", 32, 0.7), ("resnet", 8, 0.5), ("resnet", 32, 0.6)):
+        run = make_run(tmp_path, f"{arch}-{depth}-s0", arch, depth, 0, ramp(0.9, final, 20),
+                       ramp(0.95 if depth == 32 else 0.8, final, 20), eval_every=50, schedule=laptop)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["sweep"]["experiment"] = "laptop"
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    figures = keep_figures(monkeypatch, plots)
+    render_all(tmp_path)
+    curves, depth = figures
+    for fig in figures:
+        title = " ".join(fig._suptitle.get_text().split())
+        assert title.startswith("experiment=laptop") or title.startswith("Error vs. depth: experiment=laptop"), title
+        assert "1,000 of the paper's 64,000 iterations (0.6 epochs)" in title and "quick" not in title
+        assert "solid = test error" in title and "bold" not in title
+    for ax in curves.axes:
+        drops = [line for line in ax.get_lines() if list(line.get_xdata()) in ([700, 700], [900, 900])]
+        assert len(drops) == 2 and {line.get_linestyle() for line in drops} == {":"}
+        assert {line.get_color() for line in drops} == {"0.6"}
+        curve_styles = {line.get_linestyle() for line in ax.get_lines() if line not in drops}
+        assert curve_styles == {"--", "-"}
+        legend = ax.get_legend()
+        assert legend.get_title().get_text() == "colour = depth"
+        assert [t.get_text() for t in legend.get_texts()][-1] == "learning-rate drop (dotted grey)"
+    assert [ax.get_xlabel() for ax in depth.axes] == ["number of layers"] * 2
+    assert [ax.get_legend().get_title().get_text() for ax in depth.axes] == ["colour = architecture"] * 2
+    assert depth.axes[0].get_ylim() == depth.axes[1].get_ylim()
+    assert [ax.get_title() for ax in depth.axes][0] == "(a) end of training (1k iter.)"
+
+
+def test_a_sweep_with_a_failed_run_draws_without_warnings(tmp_path):
+    make_run(tmp_path, "plain-20-s0", "plain", 20, 0, [0.0], [0.0], status="failed")
+    make_run(tmp_path, "resnet-20-s0", "resnet", 20, 0, [], [], status="failed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "identical low and high ylims" would reach the terminal
+        render_all(tmp_path)

@@ -7,10 +7,12 @@ the run is still shown as far as its files allow (a run may be running, interrup
 
 Outputs (``render_all``):
 
-- ``curves.png``/``.pdf``: training (thin dashed) and test (bold) error against
-  iterations, one panel per architecture, like the paper's Figure 6;
+- ``curves.png``/``.pdf``: training (thin dashed) and test (solid) error against
+  iterations, one panel per architecture, like the paper's Figure 6; colour = depth,
+  learning-rate drops as dotted grey lines (both said in the legend);
 - ``error_vs_depth.png``/``.pdf``: error against number of layers, at the end
-  of training and just before the first learning-rate drop;
+  of training and just before the first learning-rate drop, both panels on one
+  y range; colour = architecture (said in the legend);
 - ``summary.md``/``.csv``: one row per configuration, with the paper's Table 6
   numbers for the paper's nets trained as the paper trained them (``paper_comparison_gap``).
 
@@ -77,6 +79,12 @@ DEPTH_PALETTE = [
     "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
 ]
 # One colour per line of the error-vs-depth figure (plain first, then ResNet).
+# What colour means differs between the two figures: each legend's title says it.
+CURVES_LEGEND_TITLE = "colour = depth"
+DEPTH_LEGEND_TITLE = "colour = architecture"
+# Learning-rate drops: dotted grey, unlike any error curve (training dashed, test solid).
+MILESTONE_STYLE = dict(color="0.6", linestyle=":", linewidth=1.2, zorder=0)
+MILESTONE_LABEL = "learning-rate drop (dotted grey)"
 SERIES_PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 # Lines of the same depth that differ in another config value get markers.
 VARIANT_MARKERS = [None, "o", "s", "^", "D", "v"]
@@ -719,7 +727,7 @@ def _dataset_name(name: str) -> str:
 
 
 def _figure_title(runs: list[RunRecord], eval_set: str) -> str:
-    key = f"dashed = training error, bold = {eval_set} error; {TRAIN_ERROR_NOTE}"
+    key = f"dashed = training error, solid = {eval_set} error; {TRAIN_ERROR_NOTE}"
     head = _runs_heading(runs)
     return f"{head}\n{key}" if head else key
 
@@ -729,7 +737,8 @@ def _runs_heading(runs: list[RunRecord]) -> str:
     paper's 64,000 iterations (0.6 epochs), lr drops at 700, 900'."""
     datasets = sorted({str((r.config.get("data") or {}).get("name")) for r in runs
                        if (r.config.get("data") or {}).get("name")})
-    parts = []
+    presets = sorted({str(p) for r in runs if (p := (r.config.get("sweep") or {}).get("experiment"))})
+    parts = [f"experiment={p}" for p in presets]
     if datasets:
         parts.append(" / ".join(_dataset_name(d) for d in datasets))
     scale = schedule_scale(runs)
@@ -764,8 +773,8 @@ def plot_curves(runs: list[RunRecord], path: str | os.PathLike, ymax: float | No
 
 
 def _draw_curve_panel(ax, panel: dict, ymax: float, x_unit: int, x_max: int) -> None:
-    for milestone in panel["milestones"]:
-        ax.axvline(milestone / x_unit, color="0.55", linestyle="--", linewidth=0.9, zorder=0)
+    drops = [ax.axvline(milestone / x_unit, **MILESTONE_STYLE, label=MILESTONE_LABEL)
+             for milestone in panel["milestones"]]
     handles = []
     for line in panel["lines"]:
         x = np.asarray(line["iterations"], dtype=float) / x_unit
@@ -791,7 +800,7 @@ def _draw_curve_panel(ax, panel: dict, ymax: float, x_unit: int, x_max: int) -> 
     ax.set_xlabel("iter. (1e4)" if x_unit == 10_000 else ("iter. (1e3)" if x_unit == 1_000 else "iter."))
     ax.set_title(panel["title"])
     if handles:
-        ax.legend(handles=handles, loc="best", framealpha=0.9)
+        ax.legend(handles=handles + drops[:1], loc="best", framealpha=0.9, title=CURVES_LEGEND_TITLE)
     else:
         ax.text(0.5, 0.5, "no evaluations yet", transform=ax.transAxes, ha="center", va="center", color="0.4")
 
@@ -924,8 +933,9 @@ def plot_error_vs_depth(runs: list[RunRecord], path: str | os.PathLike,
     with matplotlib.rc_context(FIGURE_STYLE):
         fig = Figure(figsize=(5.6 * len(panels) + 0.6, 4.8), layout="constrained")
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        top = _depth_ylim_top(panels)
         for ax, panel in zip(axes, panels):
-            _draw_depth_panel(ax, panel, data["eval_set"])
+            _draw_depth_panel(ax, panel, data["eval_set"], top)
         fig.suptitle(data["title"])
         data["files"] = _save(fig, path)
     return data
@@ -945,7 +955,17 @@ def _at_title(data: dict, before_drop: bool) -> str:
     return f"(b) {where}" + (", before the first lr drop" if before_drop else "")
 
 
-def _draw_depth_panel(ax, data: dict, eval_set: str) -> None:
+def _depth_ylim_top(panels: list[dict]) -> float:
+    """One top of the y range for every panel of error_vs_depth: room above the highest point (and
+    its error bar) for the legend; 100 % when nothing is drawn (or every error is 0)."""
+    highest = max((m + sd for data in panels for s in data["series"] for key in ("train", "test")
+                   for m, sd in zip(s[f"{key}_mean"], s[f"{key}_std"]) if math.isfinite(m + sd)), default=0.0)
+    if highest <= 0:
+        return 100.0
+    return highest * 1.15 if highest * 1.15 <= 100 else max(100.0, highest + 2)
+
+
+def _draw_depth_panel(ax, data: dict, eval_set: str, top: float) -> None:
     all_depths = sorted({d for s in data["series"] for d in s["depths"]})
     for index, series in enumerate(data["series"]):
         if not series["depths"]:
@@ -967,18 +987,15 @@ def _draw_depth_panel(ax, data: dict, eval_set: str) -> None:
         ax.set_xticks(all_depths)
         ax.set_xticklabels([str(d) for d in all_depths])
         ax.minorticks_off()
-        # Room above the highest point (and its error bar) for the legend.
-        highest = max(m + sd for s in data["series"] for key in ("train", "test")
-                      for m, sd in zip(s[f"{key}_mean"], s[f"{key}_std"]) if math.isfinite(m + sd))
-        ax.set_ylim(0, highest * 1.15 if highest * 1.15 <= 100 else max(100.0, highest + 2))
-        ax.legend(loc="best", framealpha=0.9)
+        ax.set_ylim(0, top)
+        ax.legend(loc="best", framealpha=0.9, title=DEPTH_LEGEND_TITLE)
     else:
         # Nothing to draw: keep the axes of the sweep (its depths, 0-100 %) and say what its runs did.
         depths = data["depths_planned"]
         if depths:
             ax.set_xlim(depths[0] - 2, depths[-1] + 2)
             ax.set_xticks(depths)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, top)
         runs_text = ", ".join(f"{count} {status}" for status, count in data["statuses"].items())
         ax.text(0.5, 0.5, f"no evaluations yet ({runs_text})", transform=ax.transAxes, ha="center",
                 va="center", color="0.4")
