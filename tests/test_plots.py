@@ -592,3 +592,15 @@ def test_a_sweep_with_a_failed_run_draws_without_warnings(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib's "identical low and high ylims" would reach the terminal
         render_all(tmp_path)
+
+
+def test_a_run_with_a_hand_edited_depth_is_left_out_with_one_line(tmp_path, capsys):
+    make_run(tmp_path, "plain-20-s0", "plain", 20, 0, ramp(0.5, 0.1), ramp(0.5, 0.12))
+    edited = make_run(tmp_path, "resnet-20-s0", "resnet", 20, 0, ramp(0.5, 0.1), ramp(0.5, 0.12), write_result=False)
+    config = yaml.safe_load((edited / "config.yaml").read_text())
+    config["depth"] = "abc"
+    (edited / "config.yaml").write_text(yaml.safe_dump(config))
+    drawn = render_all(tmp_path)
+    assert [row["arch"] for row in drawn["summary"]] == ["plain"]
+    assert capsys.readouterr().err == (f"warning: {edited / 'config.yaml'}: depth is 'abc', not a whole number; "
+                                       "this run is left out\n")

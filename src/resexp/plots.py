@@ -206,7 +206,9 @@ def load_runs(folder: str | os.PathLike) -> list[RunRecord]:
         raise UsageError(
             f"no runs in {folder} (expected folders containing config.yaml, metrics.jsonl or result.json)"
         )
-    runs = [_load_run(p) for p in run_dirs]
+    runs = [run for run in map(_load_run, run_dirs) if run is not None]
+    if not runs:
+        raise UsageError(f"no readable runs in {folder} (each was left out, as said above)")
     return sorted(runs, key=lambda r: (r.arch, r.depth, -1 if r.seed is None else r.seed, r.name))
 
 
@@ -214,7 +216,9 @@ def _is_run_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in RUN_FILES)
 
 
-def _load_run(path: Path) -> RunRecord:
+def _load_run(path: Path) -> RunRecord | None:
+    """The run in ``path``; None, with one warning line, when its arch, depth or seed is not what
+    a run's can be (a hand-edited config.yaml): the other runs are drawn."""
     config = _read_config(path / CONFIG)
     result = None
     if (path / RESULT).is_file():
@@ -240,9 +244,12 @@ def _load_run(path: Path) -> RunRecord:
         return None
 
     arch = str(pick("arch") or "unknown")
-    depth = int(pick("depth") or 0)
-    seed = pick("seed")
-    seed = int(seed) if seed is not None else None
+    depth, seed = pick("depth") or 0, pick("seed")
+    for key, value in (("depth", depth), ("seed", seed)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            print(f"warning: {path / CONFIG}: {key} is {value!r}, not a whole number; this run is left out",
+                  file=sys.stderr)
+            return None
     if result and result.get("status"):
         status = str(result["status"])
     elif metrics:
