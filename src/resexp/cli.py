@@ -135,6 +135,23 @@ INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--inf
 VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name", "-cn",
                "--config-dir", "-cd", "--experimental-rerun"}
 OPTIONAL_VALUE_FLAGS = {"--info", "-i"}
+HYDRA_FLAGS = INFO_FLAGS | VALUE_FLAGS | {"--resolve", "--run", "-r", "--multirun", "-m"}
+
+
+def check_arguments(flags: list[str], overrides: list[str], config_name: str = "config") -> None:
+    """At the gate, before Hydra parses anything: every flag is one of Hydra's, every other word is
+    KEY=VALUE (or ~KEY) with a key of the config (``+KEY`` too). One UsageError line for all."""
+    strays = [flag for flag in flags if flag.startswith("-") and flag.split("=")[0] not in HYDRA_FLAGS]
+    words = [o for o in overrides if "=" not in o and not o.startswith("~")]
+    if strays or words:
+        hints = [f"for {flag.lstrip('-').split('=')[0]}, "
+                 f"{config_module.key_hint(flag.lstrip('-').split('=')[0], config_name)}" for flag in strays]
+        raise UsageError(f"options are KEY=VALUE, not {' '.join(strays + words)}"
+                         + "".join(f"; {hint}" for hint in hints))
+    keys = [o.partition("=")[0].lstrip("+~") for o in overrides]
+    unknown = [key for key in dict.fromkeys(keys) if not config_module.is_known_key(key, config_name)]
+    if unknown:
+        raise UsageError(config_module.unknown_keys_line(unknown, config_name))
 
 
 def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
@@ -238,6 +255,7 @@ def train_command(args: list[str]) -> int:
                          "one net: pick its GPU with CUDA_VISIBLE_DEVICES=N resexp train ...")
     if "-m" in flags or "--multirun" in flags:
         raise UsageError("resexp train runs one net; use resexp sweep for several (drop -m/--multirun)")
+    check_arguments(flags, overrides)
     if not INFO_FLAGS.intersection(flags):
         from .sweep import check_one_setting, parse_overrides
 
@@ -294,6 +312,7 @@ def sweep_command(args: list[str]) -> int:
         return 0
     flags = [flag for flag in hydra_flags(flags) if flag not in ("-m", "--multirun")]
     overrides = slot_overrides(overrides)
+    check_arguments(flags, overrides)
     parsed = sweep_module.parse_overrides(overrides)  # the command line, parsed once here
     if INFO_FLAGS.intersection(flags):
         # Hydra shows --cfg/--info for one job, not a multirun: show the grid's first job.

@@ -129,11 +129,53 @@ def hydra_error_line(error: BaseException, config_name: str = "config") -> str:
     return " ".join(lines) or type(error).__name__
 
 
-def unknown_key_line(key: str, config_name: str = "config") -> str:
-    close = difflib.get_close_matches(key, known_keys(config_name), n=1, cutoff=0.6)
+# The names other trainers give their options, and resexp's key for each (or what to do instead).
+EPOCHS_HINT = ("use schedule.iterations=N: resexp counts iterations, not epochs (one epoch is the training set "
+               "over schedule.batch_size: 50,000/128, about 390 iterations, on CIFAR-10)")
+NO_WORKERS = "resexp has no such key: it keeps the images in memory and needs no data-loader workers"
+OTHER_TRAINERS = {
+    "epochs": EPOCHS_HINT, "num_epochs": EPOCHS_HINT, "max_epochs": EPOCHS_HINT, "n_epochs": EPOCHS_HINT,
+    "lr": "schedule.lr", "learning_rate": "schedule.lr", "batch_size": "schedule.batch_size",
+    "bs": "schedule.batch_size", "momentum": "schedule.momentum", "weight_decay": "schedule.weight_decay",
+    "wd": "schedule.weight_decay", "iterations": "schedule.iterations", "iters": "schedule.iterations",
+    "max_iter": "schedule.iterations", "max_iters": "schedule.iterations", "steps": "schedule.iterations",
+    "max_steps": "schedule.iterations", "milestones": "schedule.milestones", "gamma": "schedule.gamma",
+    "dataset": "data", "data_dir": "data.root", "data_root": "data.root", "root": "data.root",
+    "output_dir": "out", "out_dir": "out", "outdir": "out", "model": "arch", "layers": "depth",
+    "num_workers": NO_WORKERS, "workers": NO_WORKERS,
+}
+
+
+def key_hint(key: str, config_name: str = "config") -> str:
+    """What to type instead of an unknown key: resexp's name for another trainer's option, or the
+    closest real key (matched on the whole dotted path, then on its last part)."""
+    known = known_keys(config_name)
+    last = key.rsplit(".", 1)[-1].lower()
+    if last in OTHER_TRAINERS:
+        target = OTHER_TRAINERS[last]
+        return target if " " in target else f"did you mean {target}?"
+    by_last: dict[str, str] = {}
+    for name in sorted(known, key=lambda name: name.count(".")):  # depth before a nested ...depth
+        by_last.setdefault(name.rsplit(".", 1)[-1], name)
+    close = [by_last[match] for match in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.75)] \
+        or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     command = "train" if config_name == "config" else config_name  # conf/bench.yaml is resexp bench's
-    hint = f"did you mean {close[0]}?" if close else f"resexp {command} --help lists the main ones"
-    return f"unknown key {key!r}: {hint} (--cfg job prints every key)"
+    return f"did you mean {close[0]}?" if close else f"resexp {command} --help lists the main ones"
+
+
+def unknown_key_line(key: str, config_name: str = "config") -> str:
+    return unknown_keys_line([key], config_name)
+
+
+def unknown_keys_line(keys: list[str], config_name: str = "config") -> str:
+    """One line for every unknown key, each with its hint."""
+    named = "; ".join(f"{key!r}: {key_hint(key, config_name)}" for key in keys)
+    return f"unknown key{'s' if len(keys) > 1 else ''} {named} (--cfg job prints every key)"
+
+
+def is_known_key(key: str, config_name: str = "config") -> bool:
+    """A key that a ``KEY=VALUE`` option may set (Hydra's own ``hydra.*`` settings included)."""
+    return key in known_keys(config_name) or key == "hydra" or key.startswith("hydra.")
 
 
 def config_folder() -> Path:
