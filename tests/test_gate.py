@@ -41,3 +41,67 @@ def test_keys_added_with_a_plus_are_checked_like_any_other(capsys, tmp_path, com
     assert refused(capsys, tmp_path, command, *SMALL, "+foo=1").startswith("unknown key 'foo': ")
     assert refused(capsys, tmp_path, command, *SMALL, "+model.depht=20") == \
         "unknown key 'model.depht': did you mean depth? (--cfg job prints every key)"
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_names_a_file_system_cannot_hold_are_refused(capsys, tmp_path, command, hydra_in_process):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").touch()
+    line = refused_in(capsys, out, command, *SMALL, "name=x")
+    assert f"name=x: {out / 'x'} is a file, not a folder; give another name= or move the file" in line
+    line = refused_in(capsys, out, command, *SMALL, "name=" + "n" * 300)
+    assert "is 300 bytes long; a folder name may have at most 255" in line
+    for name in ("a\nb", "'a\tb'"):
+        line = refused_in(capsys, out, command, *SMALL, f"name={name}")
+        assert "holds a control character" in line
+    assert sorted(p.name for p in out.iterdir()) == ["x"]
+
+
+def test_a_file_where_a_sweeps_run_folder_goes_is_refused(capsys, tmp_path, hydra_in_process):
+    out = tmp_path / "out"
+    (out / "s").mkdir(parents=True)
+    (out / "s" / "plain-8-s0").touch()
+    line = refused_in(capsys, out, "sweep", *SMALL, "name=s")
+    assert f"{out / 's' / 'plain-8-s0'} is a file where the run's folder goes" in line
+    assert sorted(p.name for p in (out / "s").iterdir()) == ["plain-8-s0"]
+
+
+def test_status_of_a_name_past_the_length_limit(capsys, tmp_path):
+    assert cli.main(["status", str(tmp_path / ("n" * 300))]) == 2
+    assert capsys.readouterr().err == f"resexp: error: {tmp_path / ('n' * 300)}: File name too long\n"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path, cli_env):
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_plots import make_run
+
+    for seed in range(3):
+        make_run(tmp_path, f"plain-20-s{seed}", "plain", 20, seed, [0.5], [0.5])
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before resexp writes its first line
+    try:
+        done = subprocess.run([str(Path(sysconfig.get_path("scripts")) / "resexp"), "status", str(tmp_path)],
+                              stdout=write, stderr=subprocess.PIPE, text=True, env=cli_env, timeout=120)
+    finally:
+        os.close(write)
+    assert done.stderr == "" and done.returncode == 141
+
+
+def refused_in(capsys, out, *args: str) -> str:
+    code = cli.main([*args, f"out={out}"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_a_quoted_sweep_name_with_spaces_and_accents_is_the_folders_name(capsys, tmp_path, hydra_in_process):
+    assert cli.main(["sweep", *SMALL, "arch=resnet", "name='my sweep é'", f"out={tmp_path}"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["my sweep é"]
+    assert (tmp_path / "my sweep é" / "summary.md").is_file()

@@ -141,6 +141,10 @@ HYDRA_FLAGS = INFO_FLAGS | VALUE_FLAGS | {"--resolve", "--run", "-r", "--multiru
 def check_arguments(flags: list[str], overrides: list[str], config_name: str = "config") -> None:
     """At the gate, before Hydra parses anything: every flag is one of Hydra's, every other word is
     KEY=VALUE (or ~KEY) with a key of the config (``+KEY`` too). One UsageError line for all."""
+    controlled = [arg for arg in (*flags, *overrides) if any(ord(c) < 32 or ord(c) == 127 for c in arg)]
+    if controlled:  # Hydra's parser would stop at it with a lexer error
+        raise UsageError(f"{controlled[0]!r} holds a control character (a newline, a tab, ...); "
+                         "names and values cannot")
     strays = [flag for flag in flags if flag.startswith("-") and flag.split("=")[0] not in HYDRA_FLAGS]
     words = [o for o in overrides if "=" not in o and not o.startswith("~")]
     if strays or words:
@@ -324,7 +328,7 @@ def sweep_command(args: list[str]) -> int:
     # the sweeper expands the grid and composes and checks each job (sweep.expand_grid, sweep.plan_jobs).
     base = config_module.compose([o.input_line for o in parsed if not o.is_sweep_override()]
                                  + extra_search_path(flags))
-    named = [o.get_value_element_as_str() for o in parsed if o.get_key_element() == "name"]
+    named = [str(o.value()) for o in parsed if o.get_key_element() == "name"]  # unquoted: 'my sweep' is my sweep
     name = named[0] if named else sweep_module.sweep_name(parsed)
     sweep_dir = Path(base.out) / name
 
@@ -439,4 +443,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (resexp status DIR | head): stop quietly, as other Unix tools do.
+        # Python flushes stdout again at exit; point it at /dev/null so that this finds no pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, as a shell reports a command a broken pipe stopped
+    sys.exit(code)

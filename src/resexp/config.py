@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UsageError
 from .data import DATASET_NAMES
-from .files import unusable_folder_reason, unwritable_reason
+from .files import folder_name_problem, unusable_folder_reason, unwritable_reason
 from .models import ARCHS, BLOCKS, FAMILIES, MLP_MIN_DEPTH, SHORTCUTS, is_cifar_depth
 
 CONFIG_MODULE = "resexp.conf"
@@ -313,6 +313,12 @@ def problems(cfg: DictConfig) -> list[str]:
         reason = unusable_folder_reason(out)
         if reason:
             found.append(f"out={out} cannot hold results: {reason}; give a folder for the results")
+    if isinstance(name, str) and (reason := folder_name_problem(name)):
+        found.append(f"name {name!r} {reason}; give another name=")
+    elif isinstance(name, str) and isinstance(out, str) and name not in ("", ".", "..") and "/" not in name:
+        target = Path(out) / name
+        if target.exists() and not target.is_dir():
+            found.append(f"name={name}: {target} is a file, not a folder; give another name= or move the file")
     one_of("device", DEVICES)
     one_of("precision", PRECISIONS)
     need(isinstance(cfg.resume, bool), "resume", "true or false")

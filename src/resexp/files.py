@@ -66,6 +66,18 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+NAME_MAX = 255  # bytes in one file or folder name (Linux, macOS and Windows file systems alike)
+
+
+def folder_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one folder's name on a file system, or None."""
+    if any(ord(character) < 32 or ord(character) == 127 for character in name):
+        return "holds a control character (a newline, a tab, ...)"
+    if len(os.fsencode(name)) > NAME_MAX:
+        return f"is {len(os.fsencode(name))} bytes long; a folder name may have at most {NAME_MAX}"
+    return None
+
+
 def unusable_folder_reason(folder: str | os.PathLike) -> str | None:
     """Why files cannot be written into ``folder`` (made if need be), or None: a file where a folder must be,
     or a folder that cannot be written. Checked before long work whose results go there."""
@@ -186,8 +198,11 @@ class FolderArgs:
 def existing_folder(path: str | os.PathLike) -> Path:
     """``path`` if it is a folder; else a one-line UsageError that names it."""
     folder = Path(path)
-    if folder.is_dir():
-        return folder
+    try:
+        if folder.is_dir():
+            return folder
+    except OSError as error:  # e.g. a name past the file system's length limit
+        raise UsageError(f"{folder}: {error.strerror or error}") from None
     if folder.exists():
         raise UsageError(f"{folder} is a file, not a folder: give a sweep's or a run's folder")
     raise UsageError(f"folder {folder} does not exist")
