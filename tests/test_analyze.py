@@ -354,3 +354,15 @@ def test_a_checkpoint_of_another_run_is_refused(sweep_folder, tmp_path):
                        + ".*" + re.escape("its config differs from config.yaml in arch: 'resnet' -> 'plain'")):
         analyze_command(["responses", str(tmp_path)])
     assert not (tmp_path / "responses.png").exists()
+
+
+def test_analysing_a_read_only_run_says_so_in_one_line(sweep_folder, tmp_path, read_only):
+    import shutil
+
+    run = tmp_path / "resnet-8-s0"
+    shutil.copytree(sweep_folder / "resnet-8-s0", run)
+    read_only(run)
+    with pytest.raises(UsageError) as refused:
+        analyze_command(["gradients", str(run)])
+    assert str(refused.value) == (f"cannot write the gradients files: {run} is read-only (Permission denied); "
+                                  "make it writable, or copy it somewhere writable")

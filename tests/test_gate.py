@@ -105,3 +105,20 @@ def test_a_quoted_sweep_name_with_spaces_and_accents_is_the_folders_name(capsys,
     assert cli.main(["sweep", *SMALL, "arch=resnet", "name='my sweep é'", f"out={tmp_path}"]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["my sweep é"]
     assert (tmp_path / "my sweep é" / "summary.md").is_file()
+
+
+def test_a_finished_sweep_in_a_read_only_folder_is_shown_without_writing(capsys, tmp_path, read_only,
+                                                                          hydra_in_process):
+    command = ["sweep", *SMALL, "arch=resnet", "name=done", f"out={tmp_path}"]
+    assert cli.main(command) == 0
+    sweep = tmp_path / "done"
+    before = {path: path.stat().st_mtime_ns for path in sweep.rglob("*")}
+    capsys.readouterr()
+    read_only(sweep)
+    assert cli.main(command) == 0
+    err = capsys.readouterr().err
+    assert "all 1 runs are finished; nothing to train, and nothing recorded: " \
+           f"{sweep} is read-only (Permission denied)" in err
+    assert f"figures not drawn: {sweep} is read-only" in err
+    assert "free some space" not in err and "Traceback" not in err
+    assert {path: path.stat().st_mtime_ns for path in sweep.rglob("*")} == before

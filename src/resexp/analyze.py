@@ -47,7 +47,8 @@ from torch import nn
 from .data import load_data, normalize, pixel_mean, stratified_indices
 from .config import config_differences, paper_schedule
 from .errors import UsageError
-from .files import CHECKPOINT, CONFIG, atomic_write, atomic_write_text, existing_folder, parse_folder_args
+from .files import (CHECKPOINT, CONFIG, atomic_write, atomic_write_text, existing_folder, parse_folder_args,
+                    unusable_folder_reason, write_error_reason)
 from .models import ARCHS, Block, blocks, build_model_for, response_modules
 from .plots import (DEPTH_PALETTE, DPI, FIGURE_STYLE, RunRecord, family_of, fit_titles, load_runs, net_prefix,
                     panel_title)
@@ -839,6 +840,9 @@ def analyze_command(args: list[str]) -> int:
         print(USAGE, end="")
         return 0
     analyses, folder, max_images = parse_analyze_args(args)
+    if reason := unusable_folder_reason(folder):  # before minutes of measuring
+        raise UsageError(f"cannot write the analyses into {folder}: {reason}; copy it somewhere writable "
+                         "(cp -r) and analyse the copy")
     if analyses != ["gradients"]:
         trained_runs(folder)  # fail early, with one line, when there is nothing to analyse
     for analysis in analyses:
@@ -856,5 +860,7 @@ def analyze_command(args: list[str]) -> int:
                 raise
             _say(f"{analysis}: skipped: {error}")  # `all` runs what applies to these runs
             continue
+        except OSError as error:  # a read-only folder (even to root, on a read-only mount) or a full disk
+            raise UsageError(f"cannot write the {analysis} files: {write_error_reason(error, folder)}") from error
         print(f"{analysis}: wrote {', '.join(result['files'])}")
     return 0

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from . import config as config_module
 from .errors import UsageError, exit_with, wants_traceback
+from .files import write_error_reason
 
 USAGE = """\
 usage: resexp COMMAND [ARGS]        resexp COMMAND --help: what it does, its options, examples
@@ -372,8 +373,7 @@ def draw_figures(folder: Path) -> None:
         print(f"resexp: no figures: {error}", file=sys.stderr)
         return
     except OSError as error:  # a full disk: the runs' own records are whole; the figures can be drawn later
-        print(f"resexp: no figures: could not write them into {folder} ({error.strerror or error}); "
-              f"free some space, then: resexp plot {folder}", file=sys.stderr)
+        print(f"resexp: figures not drawn: {write_error_reason(error, folder)}", file=sys.stderr)
         return
     print("figures: " + ", ".join(str(Path(f)) for f in drawn["files"]))
 
@@ -389,8 +389,7 @@ def plot_command(args: list[str]) -> int:
     try:
         drawn = render_all(folder)
     except OSError as error:
-        raise UsageError(f"could not write the figures into {folder} ({error.strerror or error}); "
-                         "free some space and run the same command") from error
+        raise UsageError(f"could not write the figures: {write_error_reason(error, folder)}") from error
     print("figures: " + ", ".join(str(Path(f)) for f in drawn["files"]))
     return 0
 

@@ -11,6 +11,7 @@ Also the arguments of the commands that read a sweep or run folder (``resexp plo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -64,6 +65,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only file system or folder
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a user's quota spent
+
+
+def write_error_reason(error: OSError, folder: str | os.PathLike) -> str:
+    """What a failed write into ``folder`` means, with what to do: space only helps a full disk."""
+    if error.errno in FULL_ERRNOS:
+        return f"the disk holding {folder} is full ({error.strerror}); free some space and run the same command"
+    if error.errno in READ_ONLY_ERRNOS:
+        return f"{folder} is read-only ({error.strerror}); make it writable, or copy it somewhere writable"
+    return f"{error.filename or folder}: {error.strerror or error}"
 
 
 NAME_MAX = 255  # bytes in one file or folder name (Linux, macOS and Windows file systems alike)

@@ -44,6 +44,7 @@ class ResexpSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from resexp import sweep as resexp_sweep
         from resexp.errors import UsageError, exit_with
+        from resexp.files import READ_ONLY_ERRNOS, write_error_reason
 
         from resexp import slots
         from resexp.data import fetch_cifar10
@@ -75,12 +76,20 @@ class ResexpSweeper(Sweeper):
                 print(line, file=sys.stderr, flush=True)
         previous_record = resexp_sweep.read_sweep_record(sweep_dir) if sweep_dir.exists() else None
         new_folder = not sweep_dir.exists()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        if "mode" in self.config.hydra.sweep:  # as Hydra's launchers honour hydra.sweep.mode
-            os.chmod(sweep_dir, int(str(self.config.hydra.sweep.mode), 8))
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         record = {"name": sweep_dir.name, "arguments": list(arguments), "swept": swept, "runs": planned}
-        resexp_sweep.write_sweep_record(sweep_dir, record)
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            if "mode" in self.config.hydra.sweep:  # as Hydra's launchers honour hydra.sweep.mode
+                os.chmod(sweep_dir, int(str(self.config.hydra.sweep.mode), 8))
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+            resexp_sweep.write_sweep_record(sweep_dir, record)
+        except OSError as error:
+            if len(finished) == len(planned) and error.errno in READ_ONLY_ERRNOS:
+                # Nothing to train: a finished sweep in a read-only folder is shown as it is.
+                print(f"all {len(planned)} runs are finished; nothing to train, and nothing recorded: "
+                      f"{write_error_reason(error, sweep_dir)}", file=sys.stderr, flush=True)
+                return [[returned({**finished[n], "outcome": "skipped"}) for n in range(len(planned))]]
+            exit_with(UsageError(f"cannot record the sweep: {write_error_reason(error, sweep_dir)}"))
         job_overrides = [job["overrides"] for job in planned]
 
         if cluster is not None:
