@@ -116,6 +116,34 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def read_lock(run_dir: str | os.PathLike) -> dict | None:
+    """The run folder's lock (``{"pid", "host", "since"}``: who trains it), or None if it has none."""
+    try:
+        holder = read_json(Path(run_dir) / LOCK)
+        holder["pid"], holder["host"] = int(holder["pid"]), str(holder["host"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return holder
+
+
+def holder_alive(holder: dict) -> bool:
+    """Whether the process a lock names may still be training: on another host it cannot be told (True);
+    on this one, whether it exists. A lock of this very process is left from an earlier run (False)."""
+    import socket
+
+    if holder["host"] != socket.gethostname():
+        return True
+    if holder["pid"] == os.getpid():
+        return False  # left by this process (an earlier run of an in-process sweep that crashed)
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
 # The fields of a run's result.json that readers compute with, and their types (null is allowed).
 RESULT_FIELD_TYPES = {"status": str, "arch": str, "run_name": str, "error": str, "depth": int, "seed": int,
                       "iterations": int, "iterations_done": int, "parameters": int, "diverged_at": int,

@@ -44,6 +44,7 @@ from . import config as config_module
 from .data import TrainBatches, load_data, normalize, pixel_mean
 from .errors import UsageError
 from .files import (CHECKPOINT, CONFIG, ENV, LOCK, METRICS, RESULT, append_jsonl, atomic_write, atomic_write_json,
+                    holder_alive, read_lock,
                     atomic_write_text, read_json, read_jsonl, read_result, write_jsonl)
 from .models import build_model_for, count_parameters, gradient_norms
 from .signals import RunInterrupted, StopSignals
@@ -609,22 +610,8 @@ class RunInUse(UsageError):
 
 def lock_holder(run_dir: Path) -> dict | None:
     """Who holds the run folder's lock, if that process is alive (or on another host, where it cannot be told)."""
-    try:
-        holder = read_json(run_dir / LOCK)
-        pid, host = int(holder["pid"]), str(holder["host"])
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    if host != socket.gethostname():
-        return holder
-    if pid == os.getpid():
-        return None  # left by this process (an earlier run of an in-process sweep that crashed)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    return holder
+    holder = read_lock(run_dir)
+    return holder if holder is not None and holder_alive(holder) else None
 
 
 def check_not_in_use(run_dir: Path) -> None:
