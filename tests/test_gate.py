@@ -122,3 +122,18 @@ def test_a_finished_sweep_in_a_read_only_folder_is_shown_without_writing(capsys,
     assert f"figures not drawn: {sweep} is read-only" in err
     assert "free some space" not in err and "Traceback" not in err
     assert {path: path.stat().st_mtime_ns for path in sweep.rglob("*")} == before
+
+
+def test_env_json_records_the_command_the_user_typed(tmp_path, monkeypatch, hydra_in_process):
+    """A sweep's runs train in job processes started by the scheduler; their env.json still
+    records the resexp command."""
+    import json
+
+    from resexp.files import COMMAND_VARIABLE
+
+    monkeypatch.delenv(COMMAND_VARIABLE, raising=False)  # put back as it was afterwards
+    monkeypatch.setenv(COMMAND_VARIABLE, "[]")
+    typed = ["sweep", *SMALL, "arch=resnet", "name=typed", f"out={tmp_path}"]
+    assert cli.main(typed) == 0
+    (env,) = [json.loads(path.read_text()) for path in (tmp_path / "typed").glob("*/env.json")]
+    assert env["command"] == ["resexp", *typed]

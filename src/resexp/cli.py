@@ -11,6 +11,7 @@ mistake is one line on stderr with exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from omegaconf import DictConfig
 
 from . import config as config_module
 from .errors import UsageError, exit_with, wants_traceback
-from .files import write_error_reason
+from .files import COMMAND_VARIABLE, write_error_reason
 
 USAGE = """\
 usage: resexp COMMAND [ARGS]        resexp COMMAND --help: what it does, its options, examples
@@ -424,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, args = argv[0], argv[1:]
+    os.environ[COMMAND_VARIABLE] = json.dumps(["resexp", *argv])  # for env.json, in this process and its jobs
     if command not in COMMANDS:
         print(f"resexp: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

@@ -29,6 +29,9 @@ CHECKPOINT = "checkpoint.pt"  # the latest checkpoint
 RESULT = "result.json"  # status and final numbers
 LOCK = "run.lock"  # who is training the run now: process id and host
 SWEEP_RECORD = "sweep.json"  # the planned runs of a sweep
+# The command the user typed (JSON list of its words), set by the resexp command for the processes it
+# starts: env.json records it, not the scheduler's internal command of a sweep's job process.
+COMMAND_VARIABLE = "RESEXP_COMMAND"
 # A folder holding any of these is a run folder, whatever state its run is in.
 RUN_FILES = (CONFIG, RESULT, METRICS, CHECKPOINT)
 
@@ -109,6 +112,17 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
     """Why a file cannot be written at ``path``, or None."""
     path = Path(path)
     return f"{path} is a folder" if path.is_dir() else unusable_folder_reason(path.parent)
+
+
+def typed_command() -> list[str]:
+    """The command the user typed: the resexp command that started this process (or this one's own)."""
+    import sys
+
+    try:
+        command = json.loads(os.environ.get(COMMAND_VARIABLE, ""))
+    except ValueError:
+        return list(sys.argv)
+    return command if isinstance(command, list) and all(isinstance(w, str) for w in command) else list(sys.argv)
 
 
 def read_json(path: str | os.PathLike) -> Any:

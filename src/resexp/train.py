@@ -44,7 +44,7 @@ from . import config as config_module
 from .data import TrainBatches, load_data, normalize, pixel_mean
 from .errors import UsageError
 from .files import (CHECKPOINT, CONFIG, ENV, LOCK, METRICS, RESULT, append_jsonl, atomic_write, atomic_write_json,
-                    holder_alive, read_lock,
+                    holder_alive, read_lock, typed_command,
                     atomic_write_text, read_json, read_jsonl, read_result, write_jsonl)
 from .models import build_model_for, count_parameters, gradient_norms
 from .signals import RunInterrupted, StopSignals
@@ -555,7 +555,7 @@ def environment(device: torch.device) -> dict:
     return {
         "git_sha": sha,
         "git_dirty": bool(git("status", "--porcelain")) if sha else None,
-        "command": sys.argv,
+        "command": typed_command(),  # as typed, also in a sweep's job process
         "cwd": os.getcwd(),
         "host": socket.gethostname(),
         "python": platform.python_version(),
