@@ -137,3 +137,42 @@ def test_env_json_records_the_command_the_user_typed(tmp_path, monkeypatch, hydr
     assert cli.main(typed) == 0
     (env,) = [json.loads(path.read_text()) for path in (tmp_path / "typed").glob("*/env.json")]
     assert env["command"] == ["resexp", *typed]
+
+
+def no_space(monkeypatch, module, name: str, after: int = 0):
+    """``module.name`` (a write helper) fails as on a full disk from its call number ``after`` + 1 on."""
+    import errno
+
+    real = getattr(module, name)
+    calls = []
+
+    def write(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > after:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, write)
+
+
+@pytest.mark.parametrize("full_at", ["sweep.json", "figures"])
+def test_a_full_disk_at_the_end_of_a_sweep_is_one_line_and_the_same_command_completes(
+        capsys, tmp_path, monkeypatch, hydra_in_process, full_at):
+    from resexp import plots, sweep
+
+    command = ["sweep", *SMALL, "arch=resnet", "name=full", f"out={tmp_path}"]
+    with monkeypatch.context() as patch:
+        if full_at == "sweep.json":  # its first write (the plan) fits; the last (the outcomes) does not
+            no_space(patch, sweep, "atomic_write_json", after=1)
+        else:  # room for the curves, not for the rest
+            no_space(patch, plots, "atomic_write_text")
+            no_space(patch, plots, "atomic_write", after=2)
+        assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("resexp: ")]
+    assert f"the disk holding {tmp_path / 'full'} is full (No space left on device); free some space and run " \
+           "the same command" in line
+    assert cli.main(command) == 0
+    for name in ("sweep.json", "curves.png", "error_vs_depth.png", "summary.md"):
+        assert (tmp_path / "full" / name).is_file(), name

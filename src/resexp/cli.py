@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from . import config as config_module
 from .errors import UsageError, exit_with, wants_traceback
-from .files import COMMAND_VARIABLE, write_error_reason
+from .files import COMMAND_VARIABLE, READ_ONLY_ERRNOS, write_error_reason
 
 USAGE = """\
 usage: resexp COMMAND [ARGS]        resexp COMMAND --help: what it does, its options, examples
@@ -355,13 +355,16 @@ def sweep_command(args: list[str]) -> int:
         table, any_failed = sweep_module.outcome_table(record)
         print(table)
         exit_code = 1 if any_failed else 0
-    draw_figures(sweep_dir)
+    if not draw_figures(sweep_dir):
+        exit_code = exit_code or 2
     return exit_code
 
 
 # --- plot ---------------------------------------------------------------------------------------
 
-def draw_figures(folder: Path) -> None:
+def draw_figures(folder: Path) -> bool:
+    """Draw the sweep's figures and tables; False (after one line saying why) when they could not all be
+    written into a folder that can be written (a full disk): the sweep's command then fails."""
     import logging
 
     from .plots import render_all
@@ -372,11 +375,12 @@ def draw_figures(folder: Path) -> None:
         drawn = render_all(folder)
     except UsageError as error:
         print(f"resexp: no figures: {error}", file=sys.stderr)
-        return
+        return True
     except OSError as error:  # a full disk: the runs' own records are whole; the figures can be drawn later
         print(f"resexp: figures not drawn: {write_error_reason(error, folder)}", file=sys.stderr)
-        return
+        return error.errno in READ_ONLY_ERRNOS  # a finished sweep in a read-only folder: shown as it is
     print("figures: " + ", ".join(str(Path(f)) for f in drawn["files"]))
+    return True
 
 
 def plot_command(args: list[str]) -> int:

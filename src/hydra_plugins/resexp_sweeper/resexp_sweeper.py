@@ -44,7 +44,7 @@ class ResexpSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from resexp import sweep as resexp_sweep
         from resexp.errors import UsageError, exit_with
-        from resexp.files import READ_ONLY_ERRNOS, write_error_reason
+        from resexp.files import READ_ONLY_ERRNOS, SWEEP_RECORD, write_error_reason
 
         from resexp import slots
         from resexp.data import fetch_cifar10
@@ -135,7 +135,11 @@ class ResexpSweeper(Sweeper):
             # One run = one process, on this machine: one after another, or side by side in GPU slots.
             results = slots.run_in_slots(planned, sweep_dir, gpus, self.config.sweep.runs_per_gpu,
                                          extra_overrides=config_dirs(self.hydra_context.config_loader))
-        resexp_sweep.write_sweep_record(sweep_dir, resexp_sweep.finished_record(sweep_dir, record, results))
+        try:
+            resexp_sweep.write_sweep_record(sweep_dir, resexp_sweep.finished_record(sweep_dir, record, results))
+        except OSError as error:  # the runs' own records are whole: the same command records the sweep again
+            exit_with(UsageError(f"the runs ended, but the sweep's record {sweep_dir / SWEEP_RECORD} could not be "
+                                 f"written: {write_error_reason(error, sweep_dir)}"))
         return [results]
 
     def job_config(self, overrides: List[str]):
