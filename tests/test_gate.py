@@ -176,3 +176,52 @@ def test_a_full_disk_at_the_end_of_a_sweep_is_one_line_and_the_same_command_comp
     assert cli.main(command) == 0
     for name in ("sweep.json", "curves.png", "error_vs_depth.png", "summary.md"):
         assert (tmp_path / "full" / name).is_file(), name
+
+
+def image_folder(root, extra: int = 0):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label, colour in (("cat", (40, 80, 120)), ("dog", (120, 80, 40))):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(2 + extra):
+                Image.new("RGB", (32, 32), colour).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_data_root_that_cannot_hold_the_data_is_refused_at_the_gate(capsys, tmp_path, command, hydra_in_process):
+    (tmp_path / "a-file").touch()
+    (tmp_path / "no-splits").mkdir()
+    for root, reason in ((tmp_path / "a-file", "it is a file, not a folder"),
+                         (tmp_path / "missing", "it does not exist"),
+                         (tmp_path / "no-splits", "it has no train/ or test/ folder")):
+        line = refused(capsys, tmp_path, command, "experiment=laptop", "data=imagefolder", f"data.root={root}")
+        assert f"data.root={root} cannot be the data for data=imagefolder: {reason}" in line
+        assert line.count("data.root=") == 1  # said once for the whole sweep
+
+
+def test_a_finished_run_counts_for_a_moved_copy_of_its_images_not_for_other_images(tmp_path):
+    import shutil
+
+    from resexp import config as config_module
+    from resexp.errors import UsageError
+    from resexp.train import check_same_images
+
+    trained_on = image_folder(tmp_path / "images")
+    saved = {"data": {"name": "imagefolder", "root": str(trained_on)}}
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_on, copy, copy_function=shutil.copy)  # new modification times, the same images
+    other = image_folder(tmp_path / "other", extra=1)
+
+    def check(root):
+        cfg = config_module.compose(["data=imagefolder", f"data.root={root}"])
+        check_same_images(saved, cfg, tmp_path / "run")
+
+    check(copy)
+    with pytest.raises(UsageError, match=f"was trained on data.root={trained_on}, and data.root={other} holds "
+                                         "other images"):
+        check(other)
+    shutil.rmtree(trained_on)  # moved away: nothing to compare with
+    check(other)

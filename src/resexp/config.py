@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UsageError
-from .data import DATASET_NAMES
+from .data import DATASET_NAMES, data_root_problem
 from .files import folder_name_problem, unusable_folder_reason, unwritable_reason
 from .models import ARCHS, BLOCKS, FAMILIES, MLP_MIN_DEPTH, SHORTCUTS, is_cifar_depth
 
@@ -361,6 +361,9 @@ def problems(cfg: DictConfig) -> list[str]:
     if cfg.data.name in ("cifar10", "imagefolder") and cfg.data.root is None:
         found.append(f"data.root must be the folder that holds (or will hold) the images for data={cfg.data.name} "
                      "(imagefolder: train/<class>/* and test/<class>/*, e.g. data.root=data/cifar10-jpeg); got None")
+    elif cfg.data.name in ("cifar10", "imagefolder") and isinstance(cfg.data.root, str) and \
+            (reason := data_root_problem(cfg.data.name, cfg.data.root)):
+        found.append(f"data.root={cfg.data.root} cannot be the data for data={cfg.data.name}: {reason}")
     if cfg.data.name == "synthetic":  # generated: the sizes are what is made, not a subset of what exists
         # null means "all the images", and generated data has no all (a validation split replaces the test set).
         if cfg.data.train_size is None or (cfg.data.test_size is None and cfg.data.val_size is None):

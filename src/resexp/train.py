@@ -659,7 +659,28 @@ def check_resumable(cfg: DictConfig, run_dir: Path, config: dict | None = None) 
     if differences:
         raise UsageError(f"run folder {run_dir} holds a run with another config ({'; '.join(differences[:3])}); "
                          "choose another name=..., or resume=false to start it over")
+    check_same_images(checkpoint["config"], cfg, run_dir)
     return checkpoint
+
+
+def check_same_images(saved: dict, cfg: DictConfig, run_dir: Path) -> None:
+    """data.root may change between a run's start and a resume or rerun (config.RESUMABLE_DIFFERENCES): the
+    data moved or was copied. An image folder at the old place that holds other images than the new one
+    says it is not the same data: refused. An old place that is gone or unreadable cannot tell: allowed."""
+    from .data import image_folder_fingerprint
+
+    old_root = (saved.get("data") or {}).get("root")
+    if cfg.data.name != "imagefolder" or not isinstance(old_root, str) or \
+            Path(old_root).resolve() == Path(cfg.data.root).resolve() or not Path(old_root).is_dir():
+        return
+    try:
+        same = image_folder_fingerprint(old_root) == image_folder_fingerprint(cfg.data.root)
+    except UsageError:  # the old folder is no image folder any more
+        return
+    if not same:
+        raise UsageError(f"run folder {run_dir} was trained on data.root={old_root}, and data.root={cfg.data.root} "
+                         "holds other images; choose another name=... for a run on them, or resume=false to "
+                         "start it over")
 
 
 def finished_result(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict | None:
