@@ -55,3 +55,34 @@ def counted_compiles(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counting_backend))
     yield compiled
     torch.compiler.reset()
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(folder)``: from now on, files cannot be made in ``folder`` or below (EACCES), as in
+    a read-only folder; chmod cannot show that to tests run as root, whom permissions do not stop."""
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    folders = []
+    real_mkstemp, real_save = tempfile.mkstemp, OmegaConf.save
+
+    def refuse(path) -> None:
+        path = Path(path).absolute()
+        if any(path == folder or folder in path.parents for folder in folders):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    def mkstemp(*args, dir=None, **kwargs):
+        refuse(Path(dir or tempfile.gettempdir()) / "x")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    def save(config, f, *args, **kwargs):
+        refuse(f)
+        return real_save(config, f, *args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(OmegaConf, "save", save)
+    return lambda folder: folders.append(Path(folder).absolute())

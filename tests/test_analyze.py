@@ -329,3 +329,40 @@ def test_analysing_an_unfinished_run_says_so(tmp_path, capsys):
     train(config_module.compose([*TINY_RUN, "arch=resnet"]), tmp_path / "resnet-8-s0", stop_after=4)
     assert analyze_command(["identity", str(tmp_path), "max_images=20"]) == 0
     assert "resnet-8-s0 is not finished: analysing its checkpoint at iteration 4 of 16" in capsys.readouterr().err
+
+
+def test_responses_of_short_runs_say_what_figure_7_compares_and_how_many_images(sweep_folder, monkeypatch, capsys):
+    monkeypatch.setattr(analyze, "_SAID", set())  # what was said once in this process is said again here
+    figures = keep_figures(monkeypatch, analyze)
+    analyze_responses(sweep_folder, max_images=None)
+    err = capsys.readouterr().err
+    assert "measuring on all 100 test images" in err
+    caveat = ("these nets trained at most 16 of the paper's 64,000 iterations: Figure 7's finding (ResNet "
+              "responses smaller than plain ones) is for fully trained nets; early in training ResNet responses "
+              "can be larger than plain ones")
+    assert f"responses: note: {caveat}" in err
+    (fig,) = figures
+    assert caveat in " ".join(fig._suptitle.get_text().split())
+
+
+def test_a_checkpoint_of_another_run_is_refused(sweep_folder, tmp_path):
+    import shutil
+
+    shutil.copytree(sweep_folder / "resnet-8-s0", tmp_path / "resnet-8-s0")
+    shutil.copy(sweep_folder / "plain-8-s0" / "checkpoint.pt", tmp_path / "resnet-8-s0" / "checkpoint.pt")
+    with pytest.raises(UsageError, match=re.escape("checkpoint.pt is not the checkpoint of the run in ")
+                       + ".*" + re.escape("its config differs from config.yaml in arch: 'resnet' -> 'plain'")):
+        analyze_command(["responses", str(tmp_path)])
+    assert not (tmp_path / "responses.png").exists()
+
+
+def test_analysing_a_read_only_run_says_so_in_one_line(sweep_folder, tmp_path, read_only):
+    import shutil
+
+    run = tmp_path / "resnet-8-s0"
+    shutil.copytree(sweep_folder / "resnet-8-s0", run)
+    read_only(run)
+    with pytest.raises(UsageError) as refused:
+        analyze_command(["gradients", str(run)])
+    assert str(refused.value) == (f"cannot write the gradients files: {run} is read-only (Permission denied); "
+                                  "make it writable, or copy it somewhere writable")

@@ -33,9 +33,15 @@ MILESTONES = [400, 600]
 ITERATIONS = 800
 
 
+PAPER_SCHEDULE = {"name": "paper", "iterations": 64000, "milestones": [32000, 48000], "lr": 0.1, "gamma": 0.1,
+                  "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128}
+
+
 def make_run(root, name, arch, depth, seed, train, test, *, eval_every=100, status="done",
-             shortcut="A", write_result=True, result_extra=None, schedule_name="test", family="cifar"):
-    """A run folder with one evaluation per value of ``train``/``test`` (fractions)."""
+             shortcut="A", write_result=True, result_extra=None, schedule_name="test", family="cifar",
+             schedule=None, data=None):
+    """A run folder with one evaluation per value of ``train``/``test`` (fractions); ``schedule``
+    and ``data`` replace config values (``schedule=PAPER_SCHEDULE``: trained as the paper did)."""
     run = root / name
     run.mkdir(parents=True)
     config = {
@@ -48,6 +54,8 @@ def make_run(root, name, arch, depth, seed, train, test, *, eval_every=100, stat
                      "lr": 0.1, "batch_size": 128, "eval_every": eval_every},
         "data": {"name": "cifar10", "root": f"/data/{seed}"},
     }
+    config["schedule"].update(schedule or {})
+    config["data"].update(data or {})
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     rows = []
     for index, (tr, te) in enumerate(zip(train, test), start=1):
@@ -227,7 +235,7 @@ def test_curves_one_line_per_arch_depth_with_seed_mean(sweep):
     # One colour per depth, shared by both panels.
     assert find_line(data, "plain", 20)["colour"] == find_line(data, "resnet", 20)["colour"]
     assert find_line(data, "plain", 20)["colour"] != find_line(data, "plain", 56)["colour"]
-    assert "CIFAR-10" in data["title"] and "schedule test" in data["title"]
+    assert data["title"].startswith("CIFAR-10, 800 of the paper's 64,000 iterations (2.0 epochs), lr drops at 400, 600\n")
 
 
 def test_seeds_are_averaged_on_common_iterations(tmp_path):
@@ -370,16 +378,17 @@ def test_summary_numbers_and_paper_values(sweep):
     assert plain56["iterations_done_min"] == 800 and plain56["iterations_planned"] == ITERATIONS
 
     resnet56 = rows[("resnet", 56)]
-    assert resnet56["paper_test_error_pct"] == PAPER_RESNET_TEST_ERROR[56] == 6.97
+    assert resnet56["paper_test_error_pct"] is None  # 800 iterations: Table 6 does not compare
     assert resnet56["final_test_error_pct"] == pytest.approx(8.0)
     resnet20 = rows[("resnet", 20)]
     assert resnet20["n_seeds"] == 1 and resnet20["final_test_error_pct_std"] is None
 
 
 def test_other_config_differences_make_their_own_group(tmp_path):
-    make_run(tmp_path, "resnet-20-s0", "resnet", 20, 0, [0.2], [0.3])
-    make_run(tmp_path, "resnet-20-s1", "resnet", 20, 1, [0.2], [0.3])
-    make_run(tmp_path, "resnet-20-s0-shortcut_B", "resnet", 20, 0, [0.1], [0.2], shortcut="B")
+    make_run(tmp_path, "resnet-20-s0", "resnet", 20, 0, [0.2], [0.3], schedule=PAPER_SCHEDULE)
+    make_run(tmp_path, "resnet-20-s1", "resnet", 20, 1, [0.2], [0.3], schedule=PAPER_SCHEDULE)
+    make_run(tmp_path, "resnet-20-s0-shortcut_B", "resnet", 20, 0, [0.1], [0.2], shortcut="B",
+             schedule=PAPER_SCHEDULE)
     runs = load_runs(tmp_path)
     rows = summary_rows(runs)
     assert [(r["variant"], r["n_seeds"]) for r in rows] == [("", 2), ("shortcut B", 1)]
@@ -424,10 +433,10 @@ def test_render_all_writes_every_file(sweep):
     assert [(r["arch"], r["depth"]) for r in table] == [("plain", "20"), ("plain", "56"),
                                                         ("resnet", "20"), ("resnet", "56")]
     assert float(table[3]["final_test_error_pct"]) == pytest.approx(8.0)
-    assert table[3]["paper_test_error_pct"] == "6.97" and table[1]["paper_test_error_pct"] == ""
+    assert table[3]["paper_test_error_pct"] == "" and table[3]["epochs_planned"] == "2.048"
 
     markdown = (sweep / "summary.md").read_text()
-    assert markdown.startswith("| model |")
+    assert markdown.startswith("Schedule: 800 of the paper's 64,000 iterations (2.0 epochs), each run.\n\n| model |")
     assert "| ResNet-56 |" in markdown and "8.00 ± 1.41" in markdown and "ddof=1" in markdown
     # Rendering again (e.g. while the sweep is running) still works with outputs in the folder.
     assert len(load_runs(sweep)) == 7
@@ -496,14 +505,102 @@ def test_mlps_are_labelled_as_mlps_and_get_no_paper_values(tmp_path):
     render_all(tmp_path)
     markdown = (tmp_path / "summary.md").read_text()
     assert "| residual MLP-20 |" in markdown and "ResNet-20" not in markdown
-    assert str(PAPER_RESNET_TEST_ERROR[20]) not in markdown.split("\n\n")[0]  # the table, not the notes
+    assert str(PAPER_RESNET_TEST_ERROR[20]) not in markdown.split("\n\n")[1]  # the table, not the notes
 
 
 def test_paper_values_only_for_the_papers_nets(tmp_path):
-    make_run(tmp_path, "resnet-20-s0", "resnet", 20, 0, ramp(0.5, 0.1), ramp(0.5, 0.12))
-    preact = make_run(tmp_path, "resnet-20-s0-preact", "resnet", 20, 0, ramp(0.5, 0.1), ramp(0.5, 0.12))
+    make_run(tmp_path, "resnet-20-s0", "resnet", 20, 0, ramp(0.5, 0.1), ramp(0.5, 0.12), schedule=PAPER_SCHEDULE)
+    preact = make_run(tmp_path, "resnet-20-s0-preact", "resnet", 20, 0, ramp(0.5, 0.1), ramp(0.5, 0.12),
+                      schedule=PAPER_SCHEDULE)
     config = yaml.safe_load((preact / "config.yaml").read_text())
     config["model"]["block"] = "preact"
     (preact / "config.yaml").write_text(yaml.safe_dump(config))
     rows = summary_rows(load_runs(tmp_path))
     assert [(r["variant"], r["paper_test_error_pct"]) for r in rows] == [("", 8.75), ("block=preact", None)]
+
+
+@pytest.mark.parametrize("schedule, data, gap", [
+    (PAPER_SCHEDULE, {}, None),
+    ({**PAPER_SCHEDULE, "iterations": 1000, "milestones": [700, 900], "batch_size": 32}, {},
+     "the runs trained 1,000 of the paper's 64,000 iterations (0.6 epochs), not the whole schedule"),
+    (PAPER_SCHEDULE, {"train_size": 5000}, "the runs trained on part of CIFAR-10's training set, the paper on all of it"),
+    (PAPER_SCHEDULE, {"name": "imagefolder"}, "the runs trained on CIFAR-10 (imagefolder), not the paper's CIFAR-10"),
+    ({**PAPER_SCHEDULE, "lr": 0.05}, {}, "the runs changed the paper's schedule (schedule.lr)"),
+])
+def test_summary_states_the_schedule_and_compares_with_table_6_only_for_the_papers_training(
+        tmp_path, schedule, data, gap):
+    for arch in ("plain", "resnet"):
+        make_run(tmp_path, f"{arch}-32-s0", arch, 32, 0, ramp(0.9, 0.5), ramp(0.9, 0.579),
+                 schedule=schedule, data=data)
+    runs = load_runs(tmp_path)
+    assert plots.paper_comparison_gap(runs) == gap
+    render_all(tmp_path)
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    iterations = schedule["iterations"]
+    assert lines[0].startswith(f"Schedule: {iterations:,} of the paper's 64,000 iterations (")
+    table = [line for line in lines if line.startswith("|")]
+    if gap is None:
+        assert "paper test err. %" in table[0] and "| 7.51 |" in table[-1]
+        assert not any(line.startswith("No paper column") for line in lines)
+    else:
+        assert "paper" not in table[0] and "7.51" not in "".join(table)
+        assert f"No paper column: {gap}, so He et al.'s Table 6 errors would not compare." in lines
+    with open(tmp_path / "summary.csv") as f:
+        resnet = list(csv.DictReader(f))[1]
+    assert resnet["paper_test_error_pct"] == ("7.51" if gap is None else "")
+    if not data:  # all 50,000 images: epochs = iterations x batch / 50,000
+        assert float(resnet["epochs_planned"]) == pytest.approx(iterations * schedule["batch_size"] / 50_000, abs=1e-3)
+
+
+def test_figures_read_alike_and_name_the_preset_and_its_real_schedule(tmp_path, monkeypatch):
+    """What matplotlib was given: milestones dotted grey (not dashed like training curves), each
+    legend says what colour means, one word (solid) for the test error, one y range for both
+    error-vs-depth panels, and a title naming the preset and the iterations really run."""
+    laptop = {"name": "quick", "iterations": 1000, "milestones": [700, 900], "batch_size": 32}
+    for arch, depth, final in (("plain", 8, 0.5), ("plain", 32, 0.7), ("resnet", 8, 0.5), ("resnet", 32, 0.6)):
+        run = make_run(tmp_path, f"{arch}-{depth}-s0", arch, depth, 0, ramp(0.9, final, 20),
+                       ramp(0.95 if depth == 32 else 0.8, final, 20), eval_every=50, schedule=laptop)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["sweep"]["experiment"] = "laptop"
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    figures = keep_figures(monkeypatch, plots)
+    render_all(tmp_path)
+    curves, depth = figures
+    for fig in figures:
+        title = " ".join(fig._suptitle.get_text().split())
+        assert title.startswith("experiment=laptop") or title.startswith("Error vs. depth: experiment=laptop"), title
+        assert "1,000 of the paper's 64,000 iterations (0.6 epochs)" in title and "quick" not in title
+        assert "solid = test error" in title and "bold" not in title
+    for ax in curves.axes:
+        drops = [line for line in ax.get_lines() if list(line.get_xdata()) in ([700, 700], [900, 900])]
+        assert len(drops) == 2 and {line.get_linestyle() for line in drops} == {":"}
+        assert {line.get_color() for line in drops} == {"0.6"}
+        curve_styles = {line.get_linestyle() for line in ax.get_lines() if line not in drops}
+        assert curve_styles == {"--", "-"}
+        legend = ax.get_legend()
+        assert legend.get_title().get_text() == "colour = depth"
+        assert [t.get_text() for t in legend.get_texts()][-1] == "learning-rate drop (dotted grey)"
+    assert [ax.get_xlabel() for ax in depth.axes] == ["number of layers"] * 2
+    assert [ax.get_legend().get_title().get_text() for ax in depth.axes] == ["colour = architecture"] * 2
+    assert depth.axes[0].get_ylim() == depth.axes[1].get_ylim()
+    assert [ax.get_title() for ax in depth.axes][0] == "(a) end of training (1k iter.)"
+
+
+def test_a_sweep_with_a_failed_run_draws_without_warnings(tmp_path):
+    make_run(tmp_path, "plain-20-s0", "plain", 20, 0, [0.0], [0.0], status="failed")
+    make_run(tmp_path, "resnet-20-s0", "resnet", 20, 0, [], [], status="failed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "identical low and high ylims" would reach the terminal
+        render_all(tmp_path)
+
+
+def test_a_run_with_a_hand_edited_depth_is_left_out_with_one_line(tmp_path, capsys):
+    make_run(tmp_path, "plain-20-s0", "plain", 20, 0, ramp(0.5, 0.1), ramp(0.5, 0.12))
+    edited = make_run(tmp_path, "resnet-20-s0", "resnet", 20, 0, ramp(0.5, 0.1), ramp(0.5, 0.12), write_result=False)
+    config = yaml.safe_load((edited / "config.yaml").read_text())
+    config["depth"] = "abc"
+    (edited / "config.yaml").write_text(yaml.safe_dump(config))
+    drawn = render_all(tmp_path)
+    assert [row["arch"] for row in drawn["summary"]] == ["plain"]
+    assert capsys.readouterr().err == (f"warning: {edited / 'config.yaml'}: depth is 'abc', not a whole number; "
+                                       "this run is left out\n")

@@ -162,3 +162,39 @@ def test_status_of_a_file_says_it_is_a_file(tmp_path):
     a_file.write_text("not a sweep\n")
     with pytest.raises(UsageError, match="is a file, not a folder"):
         status_command([str(a_file)])
+
+
+def a_gone_process() -> int:
+    """The id of a process that has ended (and been reaped) on this host."""
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_run_whose_lock_names_a_gone_process_here_is_dead_at_once(tmp_path):
+    import socket
+
+    run = make_run(tmp_path, "plain-20-s0", "running", [(20, 40.0, 0.5, 0.55), (50, 100.0, 0.45, 0.5)])
+    (run / "run.lock").write_text(json.dumps({"pid": a_gone_process(), "host": socket.gethostname()}))
+    status = run_status(run, now=time.time())  # its metrics were written just now: not stalled
+    assert status.state == "dead" and status.iterations_done == 50
+    assert "is gone (killed?); run the same command to resume" in status.error
+    # Alive here, or on a host whose processes cannot be seen: running as before.
+    (run / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere"}))
+    assert run_status(run, now=time.time()).state == "running"
+
+
+def test_a_run_failed_by_its_sweep_shows_how_far_it_got(tmp_path):
+    """The job's process was killed after iteration 50; result.json still has the start's 0."""
+    run = make_run(tmp_path, "plain-20-s0", "running", [(20, 40.0, 0.5, 0.55), (50, 100.0, 0.45, 0.5)],
+                   iterations_done=0)
+    result = json.loads((run / "result.json").read_text())
+    assert result["iterations_done"] == 0
+    planned = {"run": "plain-20-s0", "outcome": "failed", "result": {"status": "failed", "error": "killed"}}
+    status = run_status(run, planned, now=time.time())
+    assert (status.state, status.iterations_done, status.iterations) == ("failed", 50, ITERATIONS)
+    result["status"] = "failed"
+    (run / "result.json").write_text(json.dumps(result))
+    assert run_status(run, now=time.time()).iterations_done == 50

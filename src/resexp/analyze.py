@@ -45,8 +45,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from .data import load_data, normalize, pixel_mean, stratified_indices
+from .config import config_differences, paper_schedule
 from .errors import UsageError
-from .files import CHECKPOINT, atomic_write, atomic_write_text, existing_folder, parse_folder_args
+from .files import (CHECKPOINT, CONFIG, atomic_write, atomic_write_text, existing_folder, parse_folder_args,
+                    unusable_folder_reason, write_error_reason)
 from .models import ARCHS, Block, blocks, build_model_for, response_modules
 from .plots import (DEPTH_PALETTE, DPI, FIGURE_STYLE, RunRecord, family_of, fit_titles, load_runs, net_prefix,
                     panel_title)
@@ -102,6 +104,7 @@ class TrainedNet:
     batch_size: int
     precision: str  # the run's evaluation precision on this device
     eval_set: str  # "test", or "val" when the run held out a validation split
+    iteration: int | None  # the checkpoint's iteration
 
 
 def trained_runs(folder: str | os.PathLike) -> list[RunRecord]:
@@ -133,6 +136,9 @@ class NetLoader:
             state, config = checkpoint["model"], checkpoint["config"]
         except Exception as error:
             raise UsageError(f"{path}: unreadable checkpoint ({type(error).__name__})") from error
+        if run.path.joinpath(CONFIG).is_file() and (differences := config_differences(run.config, config)):
+            raise UsageError(f"{path} is not the checkpoint of the run in {run.path}: its config differs from "
+                             f"{CONFIG} in {'; '.join(differences)}; analyse the folder it was trained in")
         done, planned = checkpoint.get("iteration"), config.get("schedule", {}).get("iterations")
         if isinstance(done, int) and isinstance(planned, int) and done < planned:
             print(f"note: {run.name} is not finished: analysing its checkpoint at iteration {done} of {planned}",
@@ -151,7 +157,8 @@ class NetLoader:
         except UsageError:  # fp16 asked for on a CPU
             precision = "fp32"
         batch_size = int((config.get("schedule") or {}).get("eval_batch_size") or 1000)
-        return TrainedNet(run, model, images, labels, mean, batch_size, precision, eval_set)
+        return TrainedNet(run, model, images, labels, mean, batch_size, precision, eval_set,
+                          done if isinstance(done, int) else None)
 
     def _images(self, config: dict):
         data_config = config["data"]
@@ -168,6 +175,8 @@ class NetLoader:
                 _say_once(f"measuring on {self.max_images:,} of the {len(labels):,} {data.eval_set} images "
                      "(a stratified sample, the same for every run; max_images=all for every image)")
                 images, labels = images[chosen], labels[chosen]
+            else:
+                _say_once(f"measuring on all {len(labels):,} {data.eval_set} images")
             self._data[key] = (images.to(self.device), labels.to(self.device),
                                pixel_mean(data.train_images).to(self.device), data.classes, data.eval_set)
         return self._data[key]
@@ -242,6 +251,8 @@ def analyze_responses(folder: str | os.PathLike, max_images: int | None = None) 
             for entry in measured for index, (layer, std) in enumerate(zip(entry["layers"], entry["std"]), start=1)]
     csv_path = folder / "responses.csv"
     write_csv(csv_path, rows, ["run", "arch", "depth", "seed", "layer", "module", "std"])
+    if caveat := responses_caveat(measured):
+        _say(f"responses: note: {caveat}")
 
     archs = arch_columns(measured)
     with matplotlib.rc_context(FIGURE_STYLE):
@@ -265,7 +276,9 @@ def analyze_responses(folder: str | os.PathLike, max_images: int | None = None) 
         for ax in axes[:, 0]:  # the rows share their y range
             ax.set_ylim(0, 1.08 * largest if math.isfinite(largest) and largest > 0 else 1.0)
             ax.set_ylabel("std of layer response")
-        fig.suptitle(f"Layer responses on {image_count_text(measured)}: after BN, before ReLU/addition")
+        caveat = responses_caveat(measured)
+        fig.suptitle(f"Layer responses on {image_count_text(measured)}: after BN, before ReLU/addition"
+                     + (f"\n{caveat}" if caveat else ""))
         png = save_png(fig, folder / "responses.png")
     return {"runs": measured, "rows": rows, "files": [png, str(csv_path)]}
 
@@ -740,7 +753,19 @@ def line_label(entry: dict, entries: list[dict]) -> str:
 
 
 def measured_on(net: TrainedNet) -> dict:
-    return {"images": len(net.images), "eval_set": net.eval_set}
+    return {"images": len(net.images), "eval_set": net.eval_set, "iteration": net.iteration}
+
+
+def responses_caveat(measured: list[dict]) -> str | None:
+    """For nets trained less than the paper's schedule: what Figure 7's comparison holds for."""
+    full = int(paper_schedule()["iterations"])
+    trained = [e["iteration"] for e in measured]
+    if all(isinstance(i, int) and i >= full for i in trained):
+        return None
+    most = max((i for i in trained if isinstance(i, int)), default=0)
+    return (f"these nets trained at most {most:,} of the paper's {full:,} iterations: Figure 7's finding "
+            "(ResNet responses smaller than plain ones) is for fully trained nets; early in training "
+            "ResNet responses can be larger than plain ones")
 
 
 def eval_set_name(measured: list[dict]) -> str:
@@ -815,6 +840,9 @@ def analyze_command(args: list[str]) -> int:
         print(USAGE, end="")
         return 0
     analyses, folder, max_images = parse_analyze_args(args)
+    if reason := unusable_folder_reason(folder):  # before minutes of measuring
+        raise UsageError(f"cannot write the analyses into {folder}: {reason}; copy it somewhere writable "
+                         "(cp -r) and analyse the copy")
     if analyses != ["gradients"]:
         trained_runs(folder)  # fail early, with one line, when there is nothing to analyse
     for analysis in analyses:
@@ -832,5 +860,7 @@ def analyze_command(args: list[str]) -> int:
                 raise
             _say(f"{analysis}: skipped: {error}")  # `all` runs what applies to these runs
             continue
+        except OSError as error:  # a read-only folder (even to root, on a read-only mount) or a full disk
+            raise UsageError(f"cannot write the {analysis} files: {write_error_reason(error, folder)}") from error
         print(f"{analysis}: wrote {', '.join(result['files'])}")
     return 0

@@ -11,6 +11,7 @@ mistake is one line on stderr with exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from omegaconf import DictConfig
 
 from . import config as config_module
 from .errors import UsageError, exit_with, wants_traceback
+from .files import COMMAND_VARIABLE, READ_ONLY_ERRNOS, write_error_reason
 
 USAGE = """\
 usage: resexp COMMAND [ARGS]        resexp COMMAND --help: what it does, its options, examples
@@ -135,6 +137,27 @@ INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--inf
 VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name", "-cn",
                "--config-dir", "-cd", "--experimental-rerun"}
 OPTIONAL_VALUE_FLAGS = {"--info", "-i"}
+HYDRA_FLAGS = INFO_FLAGS | VALUE_FLAGS | {"--resolve", "--run", "-r", "--multirun", "-m"}
+
+
+def check_arguments(flags: list[str], overrides: list[str], config_name: str = "config") -> None:
+    """At the gate, before Hydra parses anything: every flag is one of Hydra's, every other word is
+    KEY=VALUE (or ~KEY) with a key of the config (``+KEY`` too). One UsageError line for all."""
+    controlled = [arg for arg in (*flags, *overrides) if any(ord(c) < 32 or ord(c) == 127 for c in arg)]
+    if controlled:  # Hydra's parser would stop at it with a lexer error
+        raise UsageError(f"{controlled[0]!r} holds a control character (a newline, a tab, ...); "
+                         "names and values cannot")
+    strays = [flag for flag in flags if flag.startswith("-") and flag.split("=")[0] not in HYDRA_FLAGS]
+    words = [o for o in overrides if "=" not in o and not o.startswith("~")]
+    if strays or words:
+        hints = [f"for {flag.lstrip('-').split('=')[0]}, "
+                 f"{config_module.key_hint(flag.lstrip('-').split('=')[0], config_name)}" for flag in strays]
+        raise UsageError(f"options are KEY=VALUE, not {' '.join(strays + words)}"
+                         + "".join(f"; {hint}" for hint in hints))
+    keys = [o.partition("=")[0].lstrip("+~") for o in overrides]
+    unknown = [key for key in dict.fromkeys(keys) if not config_module.is_known_key(key, config_name)]
+    if unknown:
+        raise UsageError(config_module.unknown_keys_line(unknown, config_name))
 
 
 def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
@@ -238,6 +261,7 @@ def train_command(args: list[str]) -> int:
                          "one net: pick its GPU with CUDA_VISIBLE_DEVICES=N resexp train ...")
     if "-m" in flags or "--multirun" in flags:
         raise UsageError("resexp train runs one net; use resexp sweep for several (drop -m/--multirun)")
+    check_arguments(flags, overrides)
     if not INFO_FLAGS.intersection(flags):
         from .sweep import check_one_setting, parse_overrides
 
@@ -295,6 +319,7 @@ def sweep_command(args: list[str]) -> int:
         return 0
     flags = [flag for flag in hydra_flags(flags) if flag not in ("-m", "--multirun")]
     overrides = slot_overrides(overrides)
+    check_arguments(flags, overrides)
     parsed = sweep_module.parse_overrides(overrides)  # the command line, parsed once here
     if INFO_FLAGS.intersection(flags):
         # Hydra shows --cfg/--info for one job, not a multirun: show the grid's first job.
@@ -306,7 +331,7 @@ def sweep_command(args: list[str]) -> int:
     # the sweeper expands the grid and composes and checks each job (sweep.expand_grid, sweep.plan_jobs).
     base = config_module.compose([o.input_line for o in parsed if not o.is_sweep_override()]
                                  + extra_search_path(flags))
-    named = [o.get_value_element_as_str() for o in parsed if o.get_key_element() == "name"]
+    named = [str(o.value()) for o in parsed if o.get_key_element() == "name"]  # unquoted: 'my sweep' is my sweep
     name = named[0] if named else sweep_module.sweep_name(parsed)
     sweep_dir = Path(base.out) / name
 
@@ -331,13 +356,16 @@ def sweep_command(args: list[str]) -> int:
         table, any_failed = sweep_module.outcome_table(record)
         print(table)
         exit_code = 1 if any_failed else 0
-    draw_figures(sweep_dir)
+    if not draw_figures(sweep_dir):
+        exit_code = exit_code or 2
     return exit_code
 
 
 # --- plot ---------------------------------------------------------------------------------------
 
-def draw_figures(folder: Path) -> None:
+def draw_figures(folder: Path) -> bool:
+    """Draw the sweep's figures and tables; False (after one line saying why) when they could not all be
+    written into a folder that can be written (a full disk): the sweep's command then fails."""
     import logging
 
     from .plots import render_all
@@ -348,12 +376,12 @@ def draw_figures(folder: Path) -> None:
         drawn = render_all(folder)
     except UsageError as error:
         print(f"resexp: no figures: {error}", file=sys.stderr)
-        return
+        return True
     except OSError as error:  # a full disk: the runs' own records are whole; the figures can be drawn later
-        print(f"resexp: no figures: could not write them into {folder} ({error.strerror or error}); "
-              f"free some space, then: resexp plot {folder}", file=sys.stderr)
-        return
+        print(f"resexp: figures not drawn: {write_error_reason(error, folder)}", file=sys.stderr)
+        return error.errno in READ_ONLY_ERRNOS  # a finished sweep in a read-only folder: shown as it is
     print("figures: " + ", ".join(str(Path(f)) for f in drawn["files"]))
+    return True
 
 
 def plot_command(args: list[str]) -> int:
@@ -367,8 +395,7 @@ def plot_command(args: list[str]) -> int:
     try:
         drawn = render_all(folder)
     except OSError as error:
-        raise UsageError(f"could not write the figures into {folder} ({error.strerror or error}); "
-                         "free some space and run the same command") from error
+        raise UsageError(f"could not write the figures: {write_error_reason(error, folder)}") from error
     print("figures: " + ", ".join(str(Path(f)) for f in drawn["files"]))
     return 0
 
@@ -403,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, args = argv[0], argv[1:]
+    os.environ[COMMAND_VARIABLE] = json.dumps(["resexp", *argv])  # for env.json, in this process and its jobs
     if command not in COMMANDS:
         print(f"resexp: error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
@@ -421,4 +449,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (resexp status DIR | head): stop quietly, as other Unix tools do.
+        # Python flushes stdout again at exit; point it at /dev/null so that this finds no pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, as a shell reports a command a broken pipe stopped
+    sys.exit(code)

@@ -18,8 +18,8 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UsageError
-from .data import DATASET_NAMES
-from .files import unusable_folder_reason, unwritable_reason
+from .data import DATASET_NAMES, data_root_problem
+from .files import folder_name_problem, unusable_folder_reason, unwritable_reason
 from .models import ARCHS, BLOCKS, FAMILIES, MLP_MIN_DEPTH, SHORTCUTS, is_cifar_depth
 from .trackers import LOGGERS, missing_package_problems
 
@@ -130,15 +130,57 @@ def hydra_error_line(error: BaseException, config_name: str = "config") -> str:
     return " ".join(lines) or type(error).__name__
 
 
+# The names other trainers give their options, and resexp's key for each (or what to do instead).
+EPOCHS_HINT = ("use schedule.iterations=N: resexp counts iterations, not epochs (one epoch is the training set "
+               "over schedule.batch_size: 50,000/128, about 390 iterations, on CIFAR-10)")
+NO_WORKERS = "resexp has no such key: it keeps the images in memory and needs no data-loader workers"
+OTHER_TRAINERS = {
+    "epochs": EPOCHS_HINT, "num_epochs": EPOCHS_HINT, "max_epochs": EPOCHS_HINT, "n_epochs": EPOCHS_HINT,
+    "lr": "schedule.lr", "learning_rate": "schedule.lr", "batch_size": "schedule.batch_size",
+    "bs": "schedule.batch_size", "momentum": "schedule.momentum", "weight_decay": "schedule.weight_decay",
+    "wd": "schedule.weight_decay", "iterations": "schedule.iterations", "iters": "schedule.iterations",
+    "max_iter": "schedule.iterations", "max_iters": "schedule.iterations", "steps": "schedule.iterations",
+    "max_steps": "schedule.iterations", "milestones": "schedule.milestones", "gamma": "schedule.gamma",
+    "dataset": "data", "data_dir": "data.root", "data_root": "data.root", "root": "data.root",
+    "output_dir": "out", "out_dir": "out", "outdir": "out", "model": "arch", "layers": "depth",
+    "num_workers": NO_WORKERS, "workers": NO_WORKERS,
+}
+
+
+def key_hint(key: str, config_name: str = "config") -> str:
+    """What to type instead of an unknown key: resexp's name for another trainer's option, or the
+    closest real key (matched on the whole dotted path, then on its last part)."""
+    known = known_keys(config_name)
+    last = key.rsplit(".", 1)[-1].lower()
+    if last in OTHER_TRAINERS:
+        target = OTHER_TRAINERS[last]
+        return target if " " in target else f"did you mean {target}?"
+    by_last: dict[str, str] = {}
+    for name in sorted(known, key=lambda name: name.count(".")):  # depth before a nested ...depth
+        by_last.setdefault(name.rsplit(".", 1)[-1], name)
+    close = [by_last[match] for match in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.75)] \
+        or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    command = "train" if config_name == "config" else config_name  # conf/bench.yaml is resexp bench's
+    return f"did you mean {close[0]}?" if close else f"resexp {command} --help lists the main ones"
+
+
 def unknown_key_line(key: str, config_name: str = "config") -> str:
     group, _, option = key.partition(".")
     if group == "logger" and key in known_keys(config_name):  # a logger's key, that logger not selected
         name = option.split(".")[0]
         return f"{key} is a key of logger={name}, which is not selected; add logger={name} (or logger=[...] with it)"
-    close = difflib.get_close_matches(key, known_keys(config_name), n=1, cutoff=0.6)
-    command = "train" if config_name == "config" else config_name  # conf/bench.yaml is resexp bench's
-    hint = f"did you mean {close[0]}?" if close else f"resexp {command} --help lists the main ones"
-    return f"unknown key {key!r}: {hint} (--cfg job prints every key)"
+    return unknown_keys_line([key], config_name)
+
+
+def unknown_keys_line(keys: list[str], config_name: str = "config") -> str:
+    """One line for every unknown key, each with its hint."""
+    named = "; ".join(f"{key!r}: {key_hint(key, config_name)}" for key in keys)
+    return f"unknown key{'s' if len(keys) > 1 else ''} {named} (--cfg job prints every key)"
+
+
+def is_known_key(key: str, config_name: str = "config") -> bool:
+    """A key that a ``KEY=VALUE`` option may set (Hydra's own ``hydra.*`` settings included)."""
+    return key in known_keys(config_name) or key == "hydra" or key.startswith("hydra.")
 
 
 def config_folder() -> Path:
@@ -178,6 +220,12 @@ def required_keys() -> tuple[str, ...]:
 def model_defaults() -> dict:
     """The paper's net: the ``model.*`` options as config.yaml sets them."""
     return _config_file("config.yaml")["model"]
+
+
+@functools.lru_cache(maxsize=1)
+def paper_schedule() -> dict:
+    """The paper's recipe: ``schedule.*`` as conf/schedule/paper.yaml sets it."""
+    return _config_file("schedule/paper.yaml")
 
 
 @functools.lru_cache(maxsize=2)
@@ -270,6 +318,12 @@ def problems(cfg: DictConfig) -> list[str]:
         reason = unusable_folder_reason(out)
         if reason:
             found.append(f"out={out} cannot hold results: {reason}; give a folder for the results")
+    if isinstance(name, str) and (reason := folder_name_problem(name)):
+        found.append(f"name {name!r} {reason}; give another name=")
+    elif isinstance(name, str) and isinstance(out, str) and name not in ("", ".", "..") and "/" not in name:
+        target = Path(out) / name
+        if target.exists() and not target.is_dir():
+            found.append(f"name={name}: {target} is a file, not a folder; give another name= or move the file")
     one_of("device", DEVICES)
     one_of("precision", PRECISIONS)
     need(isinstance(cfg.resume, bool), "resume", "true or false")
@@ -312,6 +366,9 @@ def problems(cfg: DictConfig) -> list[str]:
     if cfg.data.name in ("cifar10", "imagefolder") and cfg.data.root is None:
         found.append(f"data.root must be the folder that holds (or will hold) the images for data={cfg.data.name} "
                      "(imagefolder: train/<class>/* and test/<class>/*, e.g. data.root=data/cifar10-jpeg); got None")
+    elif cfg.data.name in ("cifar10", "imagefolder") and isinstance(cfg.data.root, str) and \
+            (reason := data_root_problem(cfg.data.name, cfg.data.root)):
+        found.append(f"data.root={cfg.data.root} cannot be the data for data={cfg.data.name}: {reason}")
     if cfg.data.name == "synthetic":  # generated: the sizes are what is made, not a subset of what exists
         # null means "all the images", and generated data has no all (a validation split replaces the test set).
         if cfg.data.train_size is None or (cfg.data.test_size is None and cfg.data.val_size is None):

@@ -30,6 +30,7 @@ from resexp.files import atomic_write
 from resexp.machine import usable_cores
 
 DATASET_NAMES = ("cifar10", "imagefolder", "synthetic")
+CIFAR10_TRAIN_IMAGES = 50_000  # the training set when the config does not size it
 IMAGE_SIZE = 32  # the CIFAR networks assume 32x32 inputs
 CACHE_FILENAME = ".resexp-cache.pt"
 CACHE_FORMAT_VERSION = 1  # bump when the cached tensors' layout or decoding changes
@@ -308,6 +309,31 @@ def _cache_key(root: Path, files: list[_FileEntry], resize: bool) -> str:
     entries = sorted((file.path[skip:].replace(os.sep, "/"), file.size, file.mtime_ns) for file in files)
     text = json.dumps([CACHE_FORMAT_VERSION, bool(resize), entries])
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def image_folder_fingerprint(root: str | os.PathLike) -> str:
+    """An image folder's images by relative path and size: the same for a moved or copied folder
+    (whatever the files' times), different for other images."""
+    root = Path(root)
+    entries = sorted((_relative(root, file.path), file.size) for split in ("train", "test")
+                     for files in _scan_split(root, split).values() for file in files)
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def data_root_problem(name: str, root: str) -> str | None:
+    """Why ``data.root`` cannot hold the data set ``name``, or None (a cheap look, before anything trains)."""
+    path = Path(root)
+    if name == "imagefolder":
+        if not path.exists():
+            return "it does not exist"
+        if not path.is_dir():
+            return "it is a file, not a folder"
+        missing = [f"{split}/" for split in ("train", "test") if not (path / split).is_dir()]
+        if missing:
+            return f"it has no {' or '.join(missing)} folder (an image folder holds train/<class>/* and test/<class>/*)"
+    elif path.exists() and not path.is_dir():
+        return "it is a file, not a folder"
+    return None
 
 
 def cache_paths(root: Path) -> list[Path]:

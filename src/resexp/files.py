@@ -11,6 +11,7 @@ Also the arguments of the commands that read a sweep or run folder (``resexp plo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -30,6 +31,9 @@ LOCK = "run.lock"  # who is training the run now: process id and host
 SWEEP_RECORD = "sweep.json"  # the planned runs of a sweep
 MLFLOW_RUN = "mlflow_run.json"  # logger=mlflow: the id of the run's MLflow run, which a resumed run continues
 LOGGER_ERRORS = "logger_errors.json"  # the loggers that failed in this run, and how (resexp status shows it)
+# The command the user typed (JSON list of its words), set by the resexp command for the processes it
+# starts: env.json records it, not the scheduler's internal command of a sweep's job process.
+COMMAND_VARIABLE = "RESEXP_COMMAND"
 # A folder holding any of these is a run folder, whatever state its run is in.
 RUN_FILES = (CONFIG, RESULT, METRICS, CHECKPOINT)
 
@@ -68,6 +72,31 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only file system or folder
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a user's quota spent
+
+
+def write_error_reason(error: OSError, folder: str | os.PathLike) -> str:
+    """What a failed write into ``folder`` means, with what to do: space only helps a full disk."""
+    if error.errno in FULL_ERRNOS:
+        return f"the disk holding {folder} is full ({error.strerror}); free some space and run the same command"
+    if error.errno in READ_ONLY_ERRNOS:
+        return f"{folder} is read-only ({error.strerror}); make it writable, or copy it somewhere writable"
+    return f"{error.filename or folder}: {error.strerror or error}"
+
+
+NAME_MAX = 255  # bytes in one file or folder name (Linux, macOS and Windows file systems alike)
+
+
+def folder_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one folder's name on a file system, or None."""
+    if any(ord(character) < 32 or ord(character) == 127 for character in name):
+        return "holds a control character (a newline, a tab, ...)"
+    if len(os.fsencode(name)) > NAME_MAX:
+        return f"is {len(os.fsencode(name))} bytes long; a folder name may have at most {NAME_MAX}"
+    return None
+
+
 def unusable_folder_reason(folder: str | os.PathLike) -> str | None:
     """Why files cannot be written into ``folder`` (made if need be), or None: a file where a folder must be,
     or a folder that cannot be written. Checked before long work whose results go there."""
@@ -87,9 +116,48 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
     return f"{path} is a folder" if path.is_dir() else unusable_folder_reason(path.parent)
 
 
+def typed_command() -> list[str]:
+    """The command the user typed: the resexp command that started this process (or this one's own)."""
+    import sys
+
+    try:
+        command = json.loads(os.environ.get(COMMAND_VARIABLE, ""))
+    except ValueError:
+        return list(sys.argv)
+    return command if isinstance(command, list) and all(isinstance(w, str) for w in command) else list(sys.argv)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def read_lock(run_dir: str | os.PathLike) -> dict | None:
+    """The run folder's lock (``{"pid", "host", "since"}``: who trains it), or None if it has none."""
+    try:
+        holder = read_json(Path(run_dir) / LOCK)
+        holder["pid"], holder["host"] = int(holder["pid"]), str(holder["host"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return holder
+
+
+def holder_alive(holder: dict) -> bool:
+    """Whether the process a lock names may still be training: on another host it cannot be told (True);
+    on this one, whether it exists. A lock of this very process is left from an earlier run (False)."""
+    import socket
+
+    if holder["host"] != socket.gethostname():
+        return True
+    if holder["pid"] == os.getpid():
+        return False  # left by this process (an earlier run of an in-process sweep that crashed)
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
 
 
 # The fields of a run's result.json that readers compute with, and their types (null is allowed).
@@ -188,8 +256,11 @@ class FolderArgs:
 def existing_folder(path: str | os.PathLike) -> Path:
     """``path`` if it is a folder; else a one-line UsageError that names it."""
     folder = Path(path)
-    if folder.is_dir():
-        return folder
+    try:
+        if folder.is_dir():
+            return folder
+    except OSError as error:  # e.g. a name past the file system's length limit
+        raise UsageError(f"{folder}: {error.strerror or error}") from None
     if folder.exists():
         raise UsageError(f"{folder} is a file, not a folder: give a sweep's or a run's folder")
     raise UsageError(f"folder {folder} does not exist")

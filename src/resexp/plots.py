@@ -7,12 +7,17 @@ the run is still shown as far as its files allow (a run may be running, interrup
 
 Outputs (``render_all``):
 
-- ``curves.png``/``.pdf``: training (thin dashed) and test (bold) error against
-  iterations, one panel per architecture, like the paper's Figure 6;
+- ``curves.png``/``.pdf``: training (thin dashed) and test (solid) error against
+  iterations, one panel per architecture, like the paper's Figure 6; colour = depth,
+  learning-rate drops as dotted grey lines (both said in the legend);
 - ``error_vs_depth.png``/``.pdf``: error against number of layers, at the end
-  of training and just before the first learning-rate drop;
+  of training and just before the first learning-rate drop, both panels on one
+  y range; colour = architecture (said in the legend);
 - ``summary.md``/``.csv``: one row per configuration, with the paper's Table 6
-  numbers for the paper's nets.
+  numbers for the paper's nets trained as the paper trained them (``paper_comparison_gap``).
+
+Every figure and table says how much of the paper's schedule its runs trained
+(``schedule_scale``: iterations, and epochs = iterations x batch / training-set size).
 
 Every ``*_data`` function returns exactly what the matching figure draws, with
 errors in percent, so tests can check numbers instead of pixels.
@@ -75,6 +80,12 @@ DEPTH_PALETTE = [
     "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
 ]
 # One colour per line of the error-vs-depth figure (plain first, then ResNet).
+# What colour means differs between the two figures: each legend's title says it.
+CURVES_LEGEND_TITLE = "colour = depth"
+DEPTH_LEGEND_TITLE = "colour = architecture"
+# Learning-rate drops: dotted grey, unlike any error curve (training dashed, test solid).
+MILESTONE_STYLE = dict(color="0.6", linestyle=":", linewidth=1.2, zorder=0)
+MILESTONE_LABEL = "learning-rate drop (dotted grey)"
 SERIES_PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 # Lines of the same depth that differ in another config value get markers.
 VARIANT_MARKERS = [None, "o", "s", "^", "D", "v"]
@@ -196,7 +207,9 @@ def load_runs(folder: str | os.PathLike) -> list[RunRecord]:
         raise UsageError(
             f"no runs in {folder} (expected folders containing config.yaml, metrics.jsonl or result.json)"
         )
-    runs = [_load_run(p) for p in run_dirs]
+    runs = [run for run in map(_load_run, run_dirs) if run is not None]
+    if not runs:
+        raise UsageError(f"no readable runs in {folder} (each was left out, as said above)")
     return sorted(runs, key=lambda r: (r.arch, r.depth, -1 if r.seed is None else r.seed, r.name))
 
 
@@ -204,7 +217,9 @@ def _is_run_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in RUN_FILES)
 
 
-def _load_run(path: Path) -> RunRecord:
+def _load_run(path: Path) -> RunRecord | None:
+    """The run in ``path``; None, with one warning line, when its arch, depth or seed is not what
+    a run's can be (a hand-edited config.yaml): the other runs are drawn."""
     config = _read_config(path / CONFIG)
     result = None
     if (path / RESULT).is_file():
@@ -230,9 +245,12 @@ def _load_run(path: Path) -> RunRecord:
         return None
 
     arch = str(pick("arch") or "unknown")
-    depth = int(pick("depth") or 0)
-    seed = pick("seed")
-    seed = int(seed) if seed is not None else None
+    depth, seed = pick("depth") or 0, pick("seed")
+    for key, value in (("depth", depth), ("seed", seed)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            print(f"warning: {path / CONFIG}: {key} is {value!r}, not a whole number; this run is left out",
+                  file=sys.stderr)
+            return None
     if result and result.get("status"):
         status = str(result["status"])
     elif metrics:
@@ -494,6 +512,90 @@ def _mean_std(values: list[float]) -> tuple[float, float, int]:
     return mean, std, len(finite)
 
 
+
+# ---------------------------------------------------------------------------
+# How much of the paper's schedule the runs trained, and when Table 6 applies
+
+
+def _training_images(run: RunRecord) -> int | None:
+    """How many images a run trained on, from its config (None when the config does not say)."""
+    from resexp.data import CIFAR10_TRAIN_IMAGES
+
+    data = run.config.get("data") or {}
+    size = data.get("train_size")
+    if size is None and data.get("name") == "cifar10":
+        size = CIFAR10_TRAIN_IMAGES
+    if not isinstance(size, int):
+        return None
+    return size - int(data.get("val_size") or 0)
+
+
+def _epochs(run: RunRecord, iterations: int) -> float | None:
+    """``iterations`` of this run in epochs: iterations x batch / training-set size (from the
+    logged epochs when the config does not give the set's size, e.g. an image folder)."""
+    batch = (run.config.get("schedule") or {}).get("batch_size")
+    images = _training_images(run)
+    if isinstance(batch, int) and images:
+        return iterations * batch / images
+    for row in reversed(run.metrics):
+        epoch = _number(row.get("epoch"))
+        if row["iteration"] > 0 and math.isfinite(epoch) and epoch > 0:
+            return iterations * epoch / row["iteration"]
+    return None
+
+
+def _format_epochs(epochs: float) -> str:
+    if epochs >= 10:
+        return f"{epochs:,.0f} epochs"
+    return f"{epochs:.2g} epochs" if epochs < 0.1 else f"{epochs:.1f} epochs"
+
+
+def schedule_scale(runs: list[RunRecord]) -> str:
+    """How much of the paper's schedule the runs trained: '1,000 of the paper's 64,000 iterations
+    (0.6 epochs)'; several schedules are joined with ' / '; '' when no run says."""
+    from resexp.config import paper_schedule
+
+    paper_iterations = int(paper_schedule()["iterations"])
+    texts = []
+    for run in runs:
+        planned = _iterations_planned(run)
+        if planned is None:
+            continue
+        text = f"{planned:,} of the paper's {paper_iterations:,} iterations"
+        epochs = _epochs(run, planned)
+        if epochs is not None:
+            text += f" ({_format_epochs(epochs)})"
+        if text not in texts:
+            texts.append(text)
+    return " / ".join(texts)
+
+
+def paper_comparison_gap(runs: list[RunRecord]) -> str | None:
+    """Why the paper's Table 6 does not apply to these runs' numbers, or None when it does: Table 6
+    is for nets trained on all of CIFAR-10's training set for the paper's whole schedule."""
+    from resexp.config import paper_schedule
+
+    for run in runs:
+        data = run.config.get("data") or {}
+        schedule = run.config.get("schedule") or {}
+        if not schedule:
+            return f"{run.name} has no config.yaml, so its schedule is unknown"
+        if data.get("name") != "cifar10":
+            return f"the runs trained on {_dataset_name(str(data.get('name')))}, not the paper's CIFAR-10"
+        if data.get("train_size") is not None or data.get("val_size") is not None:
+            return "the runs trained on part of CIFAR-10's training set, the paper on all of it"
+        changed = [key for key, value in paper_schedule().items()
+                   if not isinstance(value, dict) and key not in ("name", "eval_every", "checkpoint_every",
+                                                                  "eval_batch_size")
+                   and _hashable(schedule.get(key)) != _hashable(value)]
+        if changed:
+            planned = _iterations_planned(run)
+            if "iterations" in changed and planned is not None:
+                return f"the runs trained {schedule_scale([run])}, not the whole schedule"
+            return "the runs changed the paper's schedule (" + ", ".join(f"schedule.{k}" for k in changed) + ")"
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Error curves (Figure 6)
 
@@ -633,26 +735,27 @@ def _dataset_name(name: str) -> str:
 
 
 def _figure_title(runs: list[RunRecord], eval_set: str) -> str:
+    key = f"dashed = training error, solid = {eval_set} error; {TRAIN_ERROR_NOTE}"
+    head = _runs_heading(runs)
+    return f"{head}\n{key}" if head else key
+
+
+def _runs_heading(runs: list[RunRecord]) -> str:
+    """What the runs trained on and for how long, for a figure's title: 'CIFAR-10, 1,000 of the
+    paper's 64,000 iterations (0.6 epochs), lr drops at 700, 900'."""
     datasets = sorted({str((r.config.get("data") or {}).get("name")) for r in runs
                        if (r.config.get("data") or {}).get("name")})
-    schedules = sorted({str((r.config.get("schedule") or {}).get("name")) for r in runs
-                        if (r.config.get("schedule") or {}).get("name")})
-    parts = []
+    presets = sorted({str(p) for r in runs if (p := (r.config.get("sweep") or {}).get("experiment"))})
+    parts = [f"experiment={p}" for p in presets]
     if datasets:
         parts.append(" / ".join(_dataset_name(d) for d in datasets))
-    if schedules:
-        text = f"schedule {' / '.join(schedules)}"
-        planned = {_iterations_planned(r) for r in runs} - {None}
+    scale = schedule_scale(runs)
+    if scale:
         milestones = {tuple(_milestones(r)) for r in runs}
-        if len(planned) == 1:
-            text += f" ({_short_count(planned.pop())} iterations"
-            if len(milestones) == 1 and (m := milestones.pop()):
-                text += ", lr drops at " + ", ".join(_short_count(x) for x in m)
-            text += ")"
-        parts.append(text)
-    head = ", ".join(parts)
-    key = f"dashed = training error, bold = {eval_set} error; {TRAIN_ERROR_NOTE}"
-    return f"{head}\n{key}" if head else key
+        if len(milestones) == 1 and (m := milestones.pop()):
+            scale += ", lr drops at " + ", ".join(_short_count(x) for x in m)
+        parts.append(scale)
+    return ", ".join(parts)
 
 
 def plot_curves(runs: list[RunRecord], path: str | os.PathLike, ymax: float | None = None) -> dict:
@@ -678,8 +781,8 @@ def plot_curves(runs: list[RunRecord], path: str | os.PathLike, ymax: float | No
 
 
 def _draw_curve_panel(ax, panel: dict, ymax: float, x_unit: int, x_max: int) -> None:
-    for milestone in panel["milestones"]:
-        ax.axvline(milestone / x_unit, color="0.55", linestyle="--", linewidth=0.9, zorder=0)
+    drops = [ax.axvline(milestone / x_unit, **MILESTONE_STYLE, label=MILESTONE_LABEL)
+             for milestone in panel["milestones"]]
     handles = []
     for line in panel["lines"]:
         x = np.asarray(line["iterations"], dtype=float) / x_unit
@@ -705,7 +808,7 @@ def _draw_curve_panel(ax, panel: dict, ymax: float, x_unit: int, x_max: int) -> 
     ax.set_xlabel("iter. (1e4)" if x_unit == 10_000 else ("iter. (1e3)" if x_unit == 1_000 else "iter."))
     ax.set_title(panel["title"])
     if handles:
-        ax.legend(handles=handles, loc="best", framealpha=0.9)
+        ax.legend(handles=handles + drops[:1], loc="best", framealpha=0.9, title=CURVES_LEGEND_TITLE)
     else:
         ax.text(0.5, 0.5, "no evaluations yet", transform=ax.transAxes, ha="center", va="center", color="0.4")
 
@@ -815,8 +918,10 @@ def error_vs_depth_data(runs: list[RunRecord], at_iteration: int | None = None) 
     if at is not None:
         at["title"] = _at_title(at, before_drop)
     eval_set = _eval_set_name(runs)
+    head = _runs_heading(runs)
     return {
-        "title": f"Error vs. depth: dashed = training error, solid = {eval_set} error; {TRAIN_ERROR_NOTE}",
+        "title": f"Error vs. depth{': ' + head if head else ''}\n"
+                 f"dashed = training error, solid = {eval_set} error; {TRAIN_ERROR_NOTE}",
         "eval_set": eval_set,
         "end": end,
         "at": at,
@@ -836,8 +941,9 @@ def plot_error_vs_depth(runs: list[RunRecord], path: str | os.PathLike,
     with matplotlib.rc_context(FIGURE_STYLE):
         fig = Figure(figsize=(5.6 * len(panels) + 0.6, 4.8), layout="constrained")
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        top = _depth_ylim_top(panels)
         for ax, panel in zip(axes, panels):
-            _draw_depth_panel(ax, panel, data["eval_set"])
+            _draw_depth_panel(ax, panel, data["eval_set"], top)
         fig.suptitle(data["title"])
         data["files"] = _save(fig, path)
     return data
@@ -857,7 +963,17 @@ def _at_title(data: dict, before_drop: bool) -> str:
     return f"(b) {where}" + (", before the first lr drop" if before_drop else "")
 
 
-def _draw_depth_panel(ax, data: dict, eval_set: str) -> None:
+def _depth_ylim_top(panels: list[dict]) -> float:
+    """One top of the y range for every panel of error_vs_depth: room above the highest point (and
+    its error bar) for the legend; 100 % when nothing is drawn (or every error is 0)."""
+    highest = max((m + sd for data in panels for s in data["series"] for key in ("train", "test")
+                   for m, sd in zip(s[f"{key}_mean"], s[f"{key}_std"]) if math.isfinite(m + sd)), default=0.0)
+    if highest <= 0:
+        return 100.0
+    return highest * 1.15 if highest * 1.15 <= 100 else max(100.0, highest + 2)
+
+
+def _draw_depth_panel(ax, data: dict, eval_set: str, top: float) -> None:
     all_depths = sorted({d for s in data["series"] for d in s["depths"]})
     for index, series in enumerate(data["series"]):
         if not series["depths"]:
@@ -879,18 +995,15 @@ def _draw_depth_panel(ax, data: dict, eval_set: str) -> None:
         ax.set_xticks(all_depths)
         ax.set_xticklabels([str(d) for d in all_depths])
         ax.minorticks_off()
-        # Room above the highest point (and its error bar) for the legend.
-        highest = max(m + sd for s in data["series"] for key in ("train", "test")
-                      for m, sd in zip(s[f"{key}_mean"], s[f"{key}_std"]) if math.isfinite(m + sd))
-        ax.set_ylim(0, highest * 1.15 if highest * 1.15 <= 100 else max(100.0, highest + 2))
-        ax.legend(loc="best", framealpha=0.9)
+        ax.set_ylim(0, top)
+        ax.legend(loc="best", framealpha=0.9, title=DEPTH_LEGEND_TITLE)
     else:
         # Nothing to draw: keep the axes of the sweep (its depths, 0-100 %) and say what its runs did.
         depths = data["depths_planned"]
         if depths:
             ax.set_xlim(depths[0] - 2, depths[-1] + 2)
             ax.set_xticks(depths)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, top)
         runs_text = ", ".join(f"{count} {status}" for status, count in data["statuses"].items())
         ax.text(0.5, 0.5, f"no evaluations yet ({runs_text})", transform=ax.transAxes, ha="center",
                 va="center", color="0.4")
@@ -917,7 +1030,7 @@ SUMMARY_COLUMNS = [
     "final_train_error_pct", "final_train_error_pct_std",
     "final_test_error_pct", "final_test_error_pct_std",
     "best_test_error_pct", "paper_test_error_pct",
-    "iterations_done_min", "iterations_done_max", "iterations_planned",
+    "iterations_done_min", "iterations_done_max", "iterations_planned", "epochs_planned",
     "wall_time_s", "images_per_s", "status",
 ]
 
@@ -957,11 +1070,16 @@ def summary_rows(runs: list[RunRecord]) -> list[dict]:
             "iterations_done_min": min(done) if done else None,
             "iterations_done_max": max(done) if done else None,
             "iterations_planned": max(planned) if planned else None,
+            "epochs_planned": _round_or_none(_epochs(group.runs[0], max(planned)) if planned else None),
             "wall_time_s": _mean_of(_wall_time(r) for r in counted),
             "images_per_s": _mean_of(_images_per_s(r) for r in counted),
             "status": _status_text(group, counted),
         })
     return rows
+
+
+def _round_or_none(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _pct(fraction: float) -> float | None:
@@ -991,14 +1109,17 @@ def _images_per_s(run: RunRecord) -> float:
 
 def _paper_value(group: _Group) -> float | None:
     """Table 6 applies to the paper's nets only: ResNets with every ``model.*`` option at its default
-    (conv nets, basic blocks, option-A shortcuts, an unscaled residual branch)."""
+    (conv nets, basic blocks, option-A shortcuts, an unscaled residual branch), trained as the paper
+    trained them (``paper_comparison_gap``)."""
     from resexp.config import model_defaults
 
     model = group.runs[0].config.get("model") or {}
     # model.width sizes MLPs only; family=cifar, checked with the rest, already leaves MLPs out.
     paper_net = group.arch == "resnet" and all(model.get(key, default) == default
                                                for key, default in model_defaults().items() if key != "width")
-    return PAPER_RESNET_TEST_ERROR.get(group.depth) if paper_net else None
+    if not paper_net or paper_comparison_gap(group.runs):
+        return None
+    return PAPER_RESNET_TEST_ERROR.get(group.depth)
 
 
 def _status_text(group: _Group, counted: list[RunRecord]) -> str:
@@ -1033,7 +1154,7 @@ def write_summary(runs: list[RunRecord], folder: str | os.PathLike) -> list[dict
     folder = Path(folder)
     rows = summary_rows(runs)
     atomic_write_text(folder / "summary.csv", _summary_csv(rows))
-    atomic_write_text(folder / "summary.md", _summary_markdown(rows, _eval_set_name(runs)))
+    atomic_write_text(folder / "summary.md", _summary_markdown(rows, runs))
     return rows
 
 
@@ -1046,15 +1167,19 @@ def _summary_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def _summary_markdown(rows: list[dict], eval_set: str) -> str:
+def _summary_markdown(rows: list[dict], runs: list[RunRecord]) -> str:
+    eval_set = _eval_set_name(runs)
     show_variant = any(row["variant"] for row in rows)
+    show_paper = any(row["paper_test_error_pct"] is not None for row in rows)
     eval_name = "test" if eval_set == "test" else eval_set
     header = ["model"] + (["variant"] if show_variant else []) + [
         "params", "train err. %", f"{eval_name} err. %", "n", f"best {eval_name} err. %",
-        "paper test err. %", "iterations", "wall time", "images/s", "status",
+        *(["paper test err. %"] if show_paper else []), "iterations", "wall time", "images/s", "status",
     ]
-    align = ["---"] + (["---"] if show_variant else []) + ["--:"] * 9 + ["---"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    align = ["---"] + (["---"] if show_variant else []) + ["--:"] * (len(header) - 2 - show_variant) + ["---"]
+    scale = schedule_scale(runs)
+    lines = [f"Schedule: {scale}, each run.", ""] if scale else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for row in rows:
         cells = [f"{net_prefix(row['arch'], row['family'])}-{row['depth']}"]
         if show_variant:
@@ -1065,7 +1190,7 @@ def _summary_markdown(rows: list[dict], eval_set: str) -> str:
             _format_mean_std(row["final_test_error_pct"], row["final_test_error_pct_std"]),
             str(row["n_seeds"]),
             _format_number(row["best_test_error_pct"]),
-            _format_number(row["paper_test_error_pct"]),
+            *([_format_number(row["paper_test_error_pct"])] if show_paper else []),
             _format_iterations(row),
             format_duration(row["wall_time_s"]),
             "" if row["images_per_s"] is None else f"{row['images_per_s']:.0f}",
@@ -1078,10 +1203,18 @@ def _summary_markdown(rows: list[dict], eval_set: str) -> str:
         "deviation, ddof=1; none for a single seed). Training error is measured on the augmented "
         "training batches since the previous evaluation. Diverged runs are excluded from the means; "
         "when some seeds are done, only the done ones are counted.",
-        "Best = lowest {0} error any counted seed reached. Paper = He et al. 2015, Table 6 "
-        "(ResNet-110: best of 5 runs, mean 6.61 ± 0.16), shown only for the paper's nets (conv ResNets, "
-        "basic blocks, option-A shortcuts); the paper reports plain nets only in Figure 6.".format(eval_name),
+        f"Best = lowest {eval_name} error any counted seed reached.",
     ]
+    gap = paper_comparison_gap(runs)
+    if show_paper:
+        footer[-1] += (" Paper = He et al. 2015, Table 6 (ResNet-110: best of 5 runs, mean 6.61 ± 0.16), shown "
+                       "only for the paper's nets (conv ResNets, basic blocks, option-A shortcuts) trained on all "
+                       "of CIFAR-10 for the paper's schedule; the paper reports plain nets only in Figure 6.")
+        if gap:
+            footer.append(f"Rows without a paper value: {gap}.")
+    else:
+        footer.append(f"No paper column: {gap or 'none of these nets is one of the paper’s Table 6'}, "
+                      "so He et al.'s Table 6 errors would not compare.")
     if eval_set != "test":
         footer.append(f"Runs evaluated on a {eval_set} set; the paper's numbers are test error.")
     return "\n".join(lines + footer) + "\n"

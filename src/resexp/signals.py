@@ -40,8 +40,14 @@ class RunInterrupted(BaseException):
 
 
 class StopSignals:
-    """SIGINT/SIGTERM/SIGUSR2 set a flag the loop checks after each step; a second signal stops at once
-    (except SIGTERM and SIGUSR2 together in a SLURM job: preemption, checkpoint and requeue).
+    """SIGINT/SIGTERM/SIGUSR2 set a flag the loop checks after each step; a second SIGINT (Ctrl-C pressed
+    again) stops at once. Repeats of SIGTERM or SIGUSR2 are the same request again and change nothing: the
+    death of a sweep's scheduler reaches its job as one SIGTERM per exiting thread. SIGTERM and SIGUSR2
+    together in a SLURM job are a preemption: checkpoint and requeue.
+
+    The line saying the run stops after its step is printed as the signal arrives, by a thread that
+    Python's wake-up file descriptor wakes, even while the main thread is inside a long call (a first
+    step that compiles) where Python's own handler waits for the call to return.
 
     SIGUSR2 is the warning a SLURM job gets before its time limit or on preemption (submitit's
     ``--signal=USR2@...``). In a submitit job, submitit's own SIGUSR2 handler requeues the job:
@@ -51,12 +57,41 @@ class StopSignals:
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
+        self._announced = threading.Lock()  # taken by whoever says "stopping after this step" first
+        self._wakeup: tuple[int, int] | None = None  # the wake-up pipe: read end, write end
+        self._previous_wakeup = -1
 
     def __enter__(self):
         if threading_is_main():
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
                 self._previous[signum] = signal.signal(signum, self._handle)
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            try:
+                self._previous_wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            except ValueError:  # not allowed here: the handler says it, when it runs
+                os.close(read), os.close(write)
+            else:
+                self._wakeup = (read, write)
+                threading.Thread(target=self._announce_on_arrival, args=(read,), daemon=True).start()
         return self
+
+    def _announce_on_arrival(self, read: int) -> None:
+        while True:
+            try:
+                arrived = os.read(read, 64)
+            except OSError:
+                return
+            if not arrived:  # the pipe was closed: the run is over
+                return
+            stops = [signum for signum in arrived if signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)]
+            if stops:
+                self._announce(stops[0])
+
+    def _announce(self, signum: int) -> None:
+        if self._announced.acquire(blocking=False):
+            print(f"\n{signal.Signals(signum).name}: stopping after the current step and saving a checkpoint "
+                  "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def _handle(self, signum, frame):
         # Python runs pending handlers in signal-number order, so the pair can come in either order.
@@ -66,10 +101,11 @@ class StopSignals:
                   file=sys.stderr)
             return
         if self.received is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:  # Ctrl-C pressed again: stop now
+                raise KeyboardInterrupt
+            return  # the same stop asked again (a parent's death comes once per exiting thread)
         self.received = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-              "(press Ctrl-C again to stop at once)", file=sys.stderr)
+        self._announce(signum)
 
     def hand_over(self) -> None:
         """Give SIGUSR2 to the handler it displaced, if any (submitit's: requeue the job and exit).
@@ -104,6 +140,11 @@ class StopSignals:
 
     def __exit__(self, *exc):
         self._restore()
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            for fd in reversed(self._wakeup):  # the write end first: the thread reads the end and leaves
+                os.close(fd)
+            self._wakeup = None
         return False
 
 

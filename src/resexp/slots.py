@@ -144,7 +144,10 @@ def run_in_slots(planned: list[dict], sweep_dir: Path, gpus: list[int] | None = 
     waiting = list(range(len(planned)))
     running: list[Job] = []
     results: list = [None] * len(planned)
-    with tempfile.TemporaryDirectory(prefix="resexp-slots-") as scratch, StopRequests() as stops:
+    # The jobs' specs and records: under the sweep folder (hidden), not in /tmp, where a scheduler
+    # killed outright would leave them behind.
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".slots-", dir=sweep_dir) as scratch, StopRequests() as stops:
         try:
             while running or (waiting and not stops.count):
                 while waiting and free_gpus and not stops.count:

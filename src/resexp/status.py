@@ -10,6 +10,8 @@ A run's state:
     running      result.json says running; iteration and an ETA from the last metrics line
     stalled      result.json says running, but no new metrics for far longer than an
                  evaluation interval takes: its process was probably killed
+    dead         result.json says running, but its run.lock names a process on this host
+                 that no longer exists (killed): known at once, without waiting for a stall
     done, failed, diverged, interrupted    as result.json records it
 """
 
@@ -21,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
-from .files import (CONFIG, ENV, LOGGER_ERRORS, METRICS, RESULT, RUN_FILES, SWEEP_RECORD, parse_folder_args,
-                    read_json, read_jsonl, read_result)
+from .files import (CONFIG, ENV, LOGGER_ERRORS, METRICS, RESULT, RUN_FILES, SWEEP_RECORD, holder_alive,
+                    parse_folder_args, read_json, read_jsonl, read_lock, read_result)
 
 # A running run counts as stalled once its last metrics line is older than this many
 # evaluation intervals, and never sooner than STALLED_AFTER_MIN_S.
@@ -137,6 +139,11 @@ def _run_state(run_dir: Path, planned: dict | None, now: float | None) -> RunSta
     )
     if status.state == "diverged" and not status.error:
         status.error = f"loss not finite at iteration {result.get('diverged_at')}"
+    if last and status.state not in ("done", "diverged") and (status.iterations_done or 0) < last["iteration"]:
+        # result.json is rewritten at the start and the end: a run killed in between got further.
+        status.iterations_done = last["iteration"]
+        status.train_error, status.test_error = last.get("train_error"), last.get("test_error")
+        status.elapsed_s = last.get("time_s")
     if status.state != "running":
         return status
     if planned.get("outcome") == "failed":
@@ -146,6 +153,12 @@ def _run_state(run_dir: Path, planned: dict | None, now: float | None) -> RunSta
         status.error = recorded.get("error") or "its job ended before the run finished"
         return status
 
+    holder = read_lock(run_dir)
+    if holder is not None and not holder_alive(holder):
+        status.state = "dead"
+        status.error = (f"its process {holder['pid']} on {holder['host']} is gone (killed?); "
+                        "run the same command to resume")
+        return status
     # Running: result.json is only rewritten at the start and the end, so progress comes
     # from the metrics the run appends at every evaluation.
     if last:
@@ -246,7 +259,7 @@ def status_table(folder: Path, runs: list[RunStatus]) -> str:
                      format_duration(run.eta_s) if run.eta_s is not None else "", run.where))
     lines = aligned_table(rows)
     problems = [f"  {run.name}: {run.error.strip().splitlines()[0]}" for run in runs
-                if run.error and run.state in ("failed", "diverged", "stalled", "damaged")]
+                if run.error and run.state in ("failed", "diverged", "stalled", "dead", "damaged")]
     failed_loggers = [f"  {run.name}: logger {name} failed: {error}" for run in runs
                       for name, error in run.logger_errors.items()]
     return "\n".join([header, *lines, *(["", "errors:", *problems] if problems else []),

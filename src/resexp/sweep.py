@@ -171,6 +171,9 @@ def plan_jobs(jobs: list[list[str]], swept: list[str], compose: Callable[[list[s
             continue
         run = config_module.run_name(cfg)
         run_dir = sweep_dir / run if sweep_dir is not None else None
+        if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+            found.append(f"{run_dir} is a file where the run's folder goes; move it and run the same command")
+            continue
         finished = None
         if run_dir is not None and run_dir.is_dir():
             try:

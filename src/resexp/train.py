@@ -41,7 +41,7 @@ from . import config as config_module
 from .data import TrainBatches, load_data, pixel_mean
 from .errors import UsageError
 from .files import (CHECKPOINT, CONFIG, ENV, LOCK, METRICS, RESULT, append_jsonl, atomic_write, atomic_write_json,
-                    atomic_write_text, read_json, read_jsonl, read_result, write_jsonl)
+                    atomic_write_text, holder_alive, read_jsonl, read_lock, read_result, typed_command, write_jsonl)
 from .machine import cpu_model, usable_cores
 from .models import build_model_for, count_parameters, gradient_norms
 from .signals import RunInterrupted, StopSignals
@@ -94,7 +94,7 @@ def environment(device: torch.device) -> dict:
     return {
         "git_sha": sha,
         "git_dirty": bool(git("status", "--porcelain")) if sha else None,
-        "command": sys.argv,
+        "command": typed_command(),  # as typed, also in a sweep's job process
         "cwd": os.getcwd(),
         "host": socket.gethostname(),
         "python": platform.python_version(),
@@ -149,22 +149,8 @@ class RunInUse(UsageError):
 
 def lock_holder(run_dir: Path) -> dict | None:
     """Who holds the run folder's lock, if that process is alive (or on another host, where it cannot be told)."""
-    try:
-        holder = read_json(run_dir / LOCK)
-        pid, host = int(holder["pid"]), str(holder["host"])
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    if host != socket.gethostname():
-        return holder
-    if pid == os.getpid():
-        return None  # left by this process (an earlier run of an in-process sweep that crashed)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    return holder
+    holder = read_lock(run_dir)
+    return holder if holder is not None and holder_alive(holder) else None
 
 
 def check_not_in_use(run_dir: Path) -> None:
@@ -212,7 +198,28 @@ def check_resumable(cfg: DictConfig, run_dir: Path, config: dict | None = None) 
     if differences:
         raise UsageError(f"run folder {run_dir} holds a run with another config ({'; '.join(differences[:3])}); "
                          "choose another name=..., or resume=false to start it over")
+    check_same_images(checkpoint["config"], cfg, run_dir)
     return checkpoint
+
+
+def check_same_images(saved: dict, cfg: DictConfig, run_dir: Path) -> None:
+    """data.root may change between a run's start and a resume or rerun (config.RESUMABLE_DIFFERENCES): the
+    data moved or was copied. An image folder at the old place that holds other images than the new one
+    says it is not the same data: refused. An old place that is gone or unreadable cannot tell: allowed."""
+    from .data import image_folder_fingerprint
+
+    old_root = (saved.get("data") or {}).get("root")
+    if cfg.data.name != "imagefolder" or not isinstance(old_root, str) or \
+            Path(old_root).resolve() == Path(cfg.data.root).resolve() or not Path(old_root).is_dir():
+        return
+    try:
+        same = image_folder_fingerprint(old_root) == image_folder_fingerprint(cfg.data.root)
+    except UsageError:  # the old folder is no image folder any more
+        return
+    if not same:
+        raise UsageError(f"run folder {run_dir} was trained on data.root={old_root}, and data.root={cfg.data.root} "
+                         "holds other images; choose another name=... for a run on them, or resume=false to "
+                         "start it over")
 
 
 def finished_result(cfg: DictConfig, run_dir: Path, checkpoint: dict | None) -> dict | None:

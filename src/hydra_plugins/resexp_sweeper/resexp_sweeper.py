@@ -44,6 +44,7 @@ class ResexpSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from resexp import sweep as resexp_sweep
         from resexp.errors import UsageError, exit_with
+        from resexp.files import READ_ONLY_ERRNOS, SWEEP_RECORD, write_error_reason
 
         from resexp import slots
         from resexp.data import fetch_cifar10
@@ -82,12 +83,20 @@ class ResexpSweeper(Sweeper):
                 warm_compile_cache_apart([configs[number] for number in left])
         previous_record = resexp_sweep.read_sweep_record(sweep_dir) if sweep_dir.exists() else None
         new_folder = not sweep_dir.exists()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        if "mode" in self.config.hydra.sweep:  # as Hydra's launchers honour hydra.sweep.mode
-            os.chmod(sweep_dir, int(str(self.config.hydra.sweep.mode), 8))
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         record = {"name": sweep_dir.name, "arguments": list(arguments), "swept": swept, "runs": planned}
-        resexp_sweep.write_sweep_record(sweep_dir, record)
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            if "mode" in self.config.hydra.sweep:  # as Hydra's launchers honour hydra.sweep.mode
+                os.chmod(sweep_dir, int(str(self.config.hydra.sweep.mode), 8))
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+            resexp_sweep.write_sweep_record(sweep_dir, record)
+        except OSError as error:
+            if len(finished) == len(planned) and error.errno in READ_ONLY_ERRNOS:
+                # Nothing to train: a finished sweep in a read-only folder is shown as it is.
+                print(f"all {len(planned)} runs are finished; nothing to train, and nothing recorded: "
+                      f"{write_error_reason(error, sweep_dir)}", file=sys.stderr, flush=True)
+                return [[returned({**finished[n], "outcome": "skipped"}) for n in range(len(planned))]]
+            exit_with(UsageError(f"cannot record the sweep: {write_error_reason(error, sweep_dir)}"))
         job_overrides = [job["overrides"] for job in planned]
         prepare_sweep(configs, sweep_dir)  # logger=mlflow: the sweep's experiment, before its runs start
 
@@ -134,7 +143,11 @@ class ResexpSweeper(Sweeper):
             # One run = one process, on this machine: one after another, or side by side in GPU slots.
             results = slots.run_in_slots(planned, sweep_dir, gpus, self.config.sweep.runs_per_gpu,
                                          extra_overrides=config_dirs(self.hydra_context.config_loader))
-        resexp_sweep.write_sweep_record(sweep_dir, resexp_sweep.finished_record(sweep_dir, record, results))
+        try:
+            resexp_sweep.write_sweep_record(sweep_dir, resexp_sweep.finished_record(sweep_dir, record, results))
+        except OSError as error:  # the runs' own records are whole: the same command records the sweep again
+            exit_with(UsageError(f"the runs ended, but the sweep's record {sweep_dir / SWEEP_RECORD} could not be "
+                                 f"written: {write_error_reason(error, sweep_dir)}"))
         return [results]
 
     def job_config(self, overrides: List[str]):
