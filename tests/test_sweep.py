@@ -1,6 +1,10 @@
 """Sweeps: grid expansion and validation, stable folder names, resume semantics."""
 
 import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +13,8 @@ from resexp import config as config_module
 from resexp.errors import UsageError
 from resexp.sweep import expand_grid, parse_overrides, plan_jobs, sweep_name
 from resexp.train import train
+
+RESEXP = Path(sysconfig.get_path("scripts")) / "resexp"
 
 DEFAULTS = {"arch": "plain,resnet"}
 
@@ -145,6 +151,60 @@ def test_a_long_cpu_sweep_is_told_its_cost_and_the_quick_way():
     assert "experiment=laptop" not in cost_line([quick], [run_cost(quick)])
     smoke = compose(["arch=resnet", "depth=8", "schedule=smoke", "data=synthetic", "device=cpu"])
     assert cost_line([smoke], [run_cost(smoke)]) is None  # seconds: nothing worth saying
+
+
+def test_the_quick_way_keeps_the_users_data_options_and_is_never_the_preset_already_running(monkeypatch):
+    from resexp import estimate
+
+    monkeypatch.setattr(estimate, "seconds_per_cost_apart", lambda cfg: 1e-6)  # a slow CPU: hours for anything
+    offline = compose(["arch=resnet", "depth=20", "device=cpu", "data=imagefolder", "data.root=my images"])
+    line = estimate.cost_line([offline], [estimate.run_cost(offline)])
+    assert "resexp sweep experiment=laptop data=imagefolder 'data.root=my images' shows" in line  # copied as printed
+    laptop = compose(["experiment=laptop", "device=cpu", "data=imagefolder", "data.root=my images"])
+    line = estimate.cost_line([laptop], [estimate.run_cost(laptop)])
+    assert line.startswith("estimated wall time") and "experiment=laptop" not in line
+
+
+def test_a_long_cpu_sweep_from_a_terminal_asks_first_and_no_is_the_default(tmp_path, cli_env):
+    """In a terminal, the paper's schedule on a CPU (days) asks before anything is written; Enter says no."""
+    import os
+    import pty
+
+    main, terminal = pty.openpty()
+    out = tmp_path / "out"
+    sweep = subprocess.Popen([str(RESEXP), "sweep", "depth=20", "data=synthetic", "progress=false", f"out={out}"],
+                             stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
+    os.close(terminal)
+    os.write(main, b"\n")  # Enter: the default answer
+    try:
+        _, err = sweep.communicate(timeout=300)
+    finally:
+        os.close(main)
+    assert sweep.returncode == 1, err
+    assert "start it? [y/N]" in err and "not started; nothing was written" in err and "--yes" in err
+    assert not out.exists()
+
+
+def test_the_question_is_asked_of_long_cpu_sweeps_in_a_terminal_only(monkeypatch):
+    from resexp.estimate import ASK_BEYOND_S, ASSUME_YES_VARIABLE, Estimate, confirmed_to_start
+
+    asked = []
+
+    def answer(text):
+        asked.append(text)
+        return "y"
+
+    monkeypatch.delenv(ASSUME_YES_VARIABLE, raising=False)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    assert confirmed_to_start(Estimate(2 * ASK_BEYOND_S, True, "line"), ask=answer) and len(asked) == 1
+    assert confirmed_to_start(Estimate(ASK_BEYOND_S / 2, True, "line"), ask=answer) and len(asked) == 1
+    assert confirmed_to_start(Estimate(2 * ASK_BEYOND_S, False, "line"), ask=answer) and len(asked) == 1  # a GPU
+    assert not confirmed_to_start(Estimate(2 * ASK_BEYOND_S, True, "line"), ask=lambda text: "")
+    monkeypatch.setenv(ASSUME_YES_VARIABLE, "1")  # resexp sweep --yes
+    assert confirmed_to_start(Estimate(2 * ASK_BEYOND_S, True, "line"), ask=answer) and len(asked) == 1
+    monkeypatch.delenv(ASSUME_YES_VARIABLE)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False, raising=False)  # a script, CI, a cluster job
+    assert confirmed_to_start(Estimate(2 * ASK_BEYOND_S, True, "line"), ask=answer) and len(asked) == 1
 
 
 def test_the_sweep_command_says_what_it_will_cost_before_training(tmp_path, cli_env):

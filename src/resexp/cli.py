@@ -81,11 +81,12 @@ HELP_PAGES = {
               TRAIN_OPTIONS,
               ("resexp train arch=plain depth=56                    the paper's schedule: for a GPU",
                "resexp train depth=20 schedule=quick data=imagefolder data.root=data/cifar10-jpeg")),
-    "sweep": ("usage: resexp sweep [KEY=V1,V2 ...]",
+    "sweep": ("usage: resexp sweep [--yes] [KEY=V1,V2 ...]",
               "Train every combination of the values given (arch=plain,resnet unless set), one run folder\n"
               "each under OUT/NAME/, then draw curves.png, error_vs_depth.png and summary.md there.\n"
               "Every value of the grid is checked before anything trains; the same command again skips\n"
-              "finished runs and resumes the others. Any option of resexp train can take several values.",
+              "finished runs and resumes the others. Any option of resexp train can take several values.\n"
+              "Started from a terminal, a CPU sweep estimated at more than 3 hours asks first; --yes does not.",
               SWEEP_OPTIONS[:1] + TRAIN_OPTIONS[1:3] + SWEEP_OPTIONS[1:]
               + tuple(option for option in TRAIN_OPTIONS[3:] if option[0] != "name"),
               ("resexp sweep experiment=laptop                      the degradation on a CPU in about 10 minutes",
@@ -313,6 +314,11 @@ def sweep_command(args: list[str]) -> int:
     from .slots import slot_overrides
     from .signals import RunInterrupted
 
+    if "--yes" in args or "-y" in args:  # start a long CPU sweep without asking (estimate.confirmed_to_start)
+        from .estimate import ASSUME_YES_VARIABLE
+
+        os.environ[ASSUME_YES_VARIABLE] = "1"
+        args = [arg for arg in args if arg not in ("--yes", "-y")]
     flags, overrides = split_flags(args)
     if asks_for_help(flags):
         print(help_page("sweep"))

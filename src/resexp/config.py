@@ -152,12 +152,14 @@ def key_hint(key: str, config_name: str = "config") -> str:
     closest real key (matched on the whole dotted path, then on its last part)."""
     known = known_keys(config_name)
     last = key.rsplit(".", 1)[-1].lower()
-    if last in OTHER_TRAINERS:
-        target = OTHER_TRAINERS[last]
-        return target if " " in target else f"did you mean {target}?"
     by_last: dict[str, str] = {}
     for name in sorted(known, key=lambda name: name.count(".")):  # depth before a nested ...depth
         by_last.setdefault(name.rsplit(".", 1)[-1], name)
+    if last in by_last:  # a key of ours under another path (resexp bench's steps: bench.steps)
+        return f"did you mean {by_last[last]}?"
+    if last in OTHER_TRAINERS:
+        target = OTHER_TRAINERS[last]
+        return target if " " in target else f"did you mean {target}?"
     close = [by_last[match] for match in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.75)] \
         or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     command = "train" if config_name == "config" else config_name  # conf/bench.yaml is resexp bench's
@@ -220,6 +222,12 @@ def required_keys() -> tuple[str, ...]:
 def model_defaults() -> dict:
     """The paper's net: the ``model.*`` options as config.yaml sets them."""
     return _config_file("config.yaml")["model"]
+
+
+@functools.lru_cache(maxsize=1)
+def data_defaults() -> dict:
+    """``data.*`` as a run gets it with no data options (conf/data/cifar10.yaml, config.yaml's default)."""
+    return _config_file("data/cifar10.yaml")
 
 
 @functools.lru_cache(maxsize=1)

@@ -13,8 +13,11 @@ the runs left weighs each by its cost.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from omegaconf import DictConfig
 
@@ -92,7 +95,6 @@ def seconds_per_cost_apart(cfg: DictConfig) -> float:
     (hundreds of MiB on GPU 0) stays in the sweep's own process while its runs train. Running out of
     GPU memory there is the one line a run gives."""
     import subprocess
-    import sys
 
     from omegaconf import OmegaConf
 
@@ -116,29 +118,86 @@ def cost_line(configs: list[DictConfig], costs: list[float], parallel: int = 1) 
 
     ``parallel``: GPUs the runs are spread over (runs sharing one GPU, or the CPU, are not faster together).
     """
+    return cost_estimate(configs, costs, parallel).line
+
+
+class Estimate(NamedTuple):
+    seconds: float  # wall time of the runs left (0: nothing left)
+    on_cpu: bool
+    line: str | None  # what to tell the user (None: too little to be worth saying)
+
+
+def cost_estimate(configs: list[DictConfig], costs: list[float], parallel: int = 1) -> Estimate:
+    """``cost_line``'s estimate, with the seconds it says, for the question before a long CPU sweep."""
+    import torch
+
     from .status import format_duration
+    from .step import resolve_device
 
     left = [(cfg, cost) for cfg, cost in zip(configs, costs) if cost > 0]
     if not left:
-        return None
+        return Estimate(0.0, False, None)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # before the probe adds its own
     cheapest = min((cfg for cfg, _ in left), key=lambda cfg: macs_per_image(cfg) * cfg.schedule.batch_size)
     rate = seconds_per_cost_apart(cheapest)
     seconds = rate * sum(cost for _, cost in left) / max(1, parallel)
-    import torch
-
-    from .step import resolve_device
-
-    if seconds < WORTH_SAYING_S:
-        return None
     device = resolve_device(cheapest.device)
-    where = f"this GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "this CPU"
+    on_cpu = device.type != "cuda"
+    if seconds < WORTH_SAYING_S:
+        return Estimate(seconds, on_cpu, None)
+    where = "this CPU" if on_cpu else f"this GPU ({torch.cuda.get_device_name(device)})"
     runs = f"{len(left)} run{'s' if len(left) != 1 else ''}"
     line = (f"estimated wall time: about {format_duration(seconds)} for {runs} on {where} "
             f"(from a measured step of {cheapest.arch}-{cheapest.depth}, scaled by each net's multiply-adds)")
-    if device.type != "cuda" and seconds > LONG_ON_A_CPU_S:
-        line += ("; for a first look on a CPU, resexp sweep experiment=laptop shows the degradation in about "
-                 "10 minutes (or add schedule=quick: 1/32 of the paper's iterations); this run goes on")
-    return line
+    from .machine import usable_cores
+
+    if on_cpu and load_before > usable_cores() / 2:
+        line += (f"; other programs keep this CPU busy (load average {load_before:.1f} on {usable_cores()} cores): "
+                 "the estimate is for the share this run gets now")
+    if on_cpu and seconds > LONG_ON_A_CPU_S and not all(cfg.sweep.experiment == "laptop" for cfg, _ in left):
+        line += (f"; for a first look on a CPU, resexp sweep experiment=laptop{data_options(cheapest)} shows the "
+                 "degradation in about 10 minutes (or add schedule=quick: 1/32 of the paper's iterations)")
+    return Estimate(seconds, on_cpu, line)
+
+
+def data_options(cfg: DictConfig) -> str:
+    """The data options of ``cfg`` as they are typed (empty for the default, CIFAR-10 in data/), so that a
+    suggested command can be copied as printed."""
+    import shlex
+
+    from .config import data_defaults
+
+    default = data_defaults()  # read from conf/: this runs inside the sweep's Hydra, where compose cannot
+    words = [] if cfg.data.name == default["name"] else [f"data={cfg.data.name}"]
+    if cfg.data.root != default["root"] and cfg.data.name != "synthetic":
+        words.append(f"data.root={cfg.data.root}")
+    return "".join(f" {shlex.quote(word)}" for word in words)
+
+
+# A CPU sweep longer than this asks before it starts, where someone at a terminal can answer.
+ASK_BEYOND_S = 3 * 3600
+ASSUME_YES_VARIABLE = "RESEXP_YES"  # set by `resexp sweep --yes`: start without asking
+
+
+def ask_on_the_terminal(question: str) -> str:
+    """The user's answer, the question on stderr (stdout may be a pipe or a file)."""
+    print(question, end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline()
+
+
+def confirmed_to_start(estimate: Estimate, ask=ask_on_the_terminal) -> bool:
+    """Whether a sweep may start: yes, unless it is a CPU sweep of more than ``ASK_BEYOND_S`` started
+    from a terminal without ``--yes``, and the user, asked, does not say yes (the default is no).
+    A shell script, a CI job or a cluster job has no terminal on its standard input: it goes on."""
+    if not (estimate.on_cpu and estimate.seconds > ASK_BEYOND_S) or os.environ.get(ASSUME_YES_VARIABLE):
+        return True
+    if not sys.stdin.isatty():
+        return True
+    from .status import format_duration
+
+    answer = ask(f"this sweep would train for about {format_duration(estimate.seconds)} on this CPU; "
+                 "start it? [y/N] (--yes skips this question) ")
+    return answer.strip().lower() in ("y", "yes")  # Enter, or the end of the input: no
 
 
 def eta_of_sweep(sweep_dir: Path, runs: list[dict]) -> float | None:
@@ -164,8 +223,6 @@ def eta_of_sweep(sweep_dir: Path, runs: list[dict]) -> float | None:
 
 
 if __name__ == "__main__":  # the probe of seconds_per_cost_apart: a resolved config on stdin, the rate on stdout
-    import sys
-
     from omegaconf import OmegaConf
 
     from .errors import UsageError

@@ -40,8 +40,9 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as config_module
 from .data import TrainBatches, load_data, pixel_mean
 from .errors import UsageError
-from .files import (CHECKPOINT, CONFIG, ENV, LOCK, METRICS, RESULT, append_jsonl, atomic_write, atomic_write_json,
-                    atomic_write_text, holder_alive, read_jsonl, read_lock, read_result, typed_command, write_jsonl)
+from .files import (CHECKPOINT, CONFIG, ENV, LOCK, METRICS, READ_ONLY_ERRNOS, RESULT, append_jsonl, atomic_write,
+                    atomic_write_json, atomic_write_text, holder_alive, read_jsonl, read_lock, read_result,
+                    typed_command, write_error_reason, write_jsonl)
 from .machine import cpu_model, usable_cores
 from .models import build_model_for, count_parameters, gradient_norms
 from .signals import RunInterrupted, StopSignals
@@ -139,6 +140,8 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
     except (OSError, RuntimeError) as error:  # the temporary file is gone, the old checkpoint intact
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error_line(error)
         kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint yet"
+        if isinstance(error, OSError) and error.errno in READ_ONLY_ERRNOS:  # no space to free: say what it is
+            raise UsageError(f"could not write {path}: {write_error_reason(error, path.parent)}; {kept}") from error
         raise UsageError(f"could not write {path} ({reason}); {kept}; "
                          "free some space and run the same command to resume") from error
 

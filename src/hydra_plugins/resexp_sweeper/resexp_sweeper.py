@@ -68,17 +68,21 @@ class ResexpSweeper(Sweeper):
 
         print(f"sweep folder: {sweep_dir} ({len(planned)} runs)", file=sys.stderr, flush=True)
         if cluster is None:  # the runs train here: say what they will cost
-            from resexp.estimate import cost_line
+            from resexp.estimate import confirmed_to_start, cost_estimate
             from resexp.step import warm_compile_cache_apart
 
             left = [number for number, job in enumerate(planned) if job["cost"] > 0]
             try:
-                line = cost_line([configs[number] for number in left], [planned[number]["cost"] for number in left],
-                                 parallel=len(gpus) if gpus else 1)
+                estimate = cost_estimate([configs[number] for number in left],
+                                         [planned[number]["cost"] for number in left], parallel=len(gpus) if gpus else 1)
             except UsageError as error:  # the probe's step ran out of GPU memory, say
                 exit_with(error)
-            if line:
-                print(line, file=sys.stderr, flush=True)
+            if estimate.line:
+                print(estimate.line, file=sys.stderr, flush=True)
+            if not confirmed_to_start(estimate):
+                print("resexp: not started; nothing was written (resexp sweep --yes starts without asking)",
+                      file=sys.stderr)
+                sys.exit(1)
             if gpus and len(left) > 1:  # runs side by side would each compile the same blocks cold
                 warm_compile_cache_apart([configs[number] for number in left])
         previous_record = resexp_sweep.read_sweep_record(sweep_dir) if sweep_dir.exists() else None
