@@ -151,7 +151,7 @@ def cost_estimate(configs: list[DictConfig], costs: list[float], parallel: int =
             f"(from a measured step of {cheapest.arch}-{cheapest.depth}, scaled by each net's multiply-adds)")
     from .machine import usable_cores
 
-    if on_cpu and load_before > usable_cores() / 2:
+    if on_cpu and load_before > 0.75 * usable_cores():  # about a core of other work or more (a lagging average)
         line += (f"; other programs keep this CPU busy (load average {load_before:.1f} on {usable_cores()} cores): "
                  "the estimate is for the share this run gets now")
     if on_cpu and seconds > LONG_ON_A_CPU_S and not all(cfg.sweep.experiment == "laptop" for cfg, _ in left):

@@ -575,24 +575,26 @@ def paper_comparison_gap(runs: list[RunRecord]) -> str | None:
     is for nets trained on all of CIFAR-10's training set for the paper's whole schedule."""
     from resexp.config import paper_schedule
 
-    for run in runs:
+    for run in runs:  # the first run that differs from the paper's training, with every way it does
         data = run.config.get("data") or {}
         schedule = run.config.get("schedule") or {}
         if not schedule:
             return f"{run.name} has no config.yaml, so its schedule is unknown"
+        reasons = []
         if data.get("name") != "cifar10":
-            return f"the runs trained on {_dataset_name(str(data.get('name')))}, not the paper's CIFAR-10"
-        if data.get("train_size") is not None or data.get("val_size") is not None:
-            return "the runs trained on part of CIFAR-10's training set, the paper on all of it"
+            reasons.append(f"trained on {_dataset_name(str(data.get('name')))}, not the paper's CIFAR-10")
+        elif data.get("train_size") is not None or data.get("val_size") is not None:
+            reasons.append("trained on part of CIFAR-10's training set, the paper on all of it")
         changed = [key for key, value in paper_schedule().items()
                    if not isinstance(value, dict) and key not in ("name", "eval_every", "checkpoint_every",
                                                                   "eval_batch_size")
                    and _hashable(schedule.get(key)) != _hashable(value)]
-        if changed:
-            planned = _iterations_planned(run)
-            if "iterations" in changed and planned is not None:
-                return f"the runs trained {schedule_scale([run])}, not the whole schedule"
-            return "the runs changed the paper's schedule (" + ", ".join(f"schedule.{k}" for k in changed) + ")"
+        if "iterations" in changed and _iterations_planned(run) is not None:
+            reasons.append(f"trained {schedule_scale([run])}, not the whole schedule")
+        elif changed:
+            reasons.append("changed the paper's schedule (" + ", ".join(f"schedule.{k}" for k in changed) + ")")
+        if reasons:
+            return "the runs " + ", and ".join(reasons)
     return None
 
 
