@@ -551,6 +551,8 @@ def test_a_gpu_sweep_compiles_each_kind_of_net_once_before_its_runs_start(monkey
     families = step_module.compile_families(configs())
     assert sorted((cfg.arch, cfg.depth) for cfg in families) == [("plain", 14), ("resnet", 14)]
     assert [cfg.depth for cfg in step_module.compile_families(configs()[:1])] == [8]  # ResNet-8 alone: its own
+    eight_and_fourteen = [config_module.compose([*SMOKE, "arch=resnet", f"depth={depth}"]) for depth in (8, 14)]
+    assert [cfg.depth for cfg in step_module.compile_families(eight_and_fourteen)] == [14]  # 14 has 8's shapes too
     assert step_module.compile_families(configs("compile=false")) == []
     assert len(step_module.compile_families(configs("model.shortcut=B"))) == 2  # plain nets have no shortcut
     monkeypatch.setattr(step_module, "resolve_device", real_resolve_device)

@@ -94,23 +94,15 @@ def seconds_per_cost_apart(cfg: DictConfig) -> float:
     """``seconds_per_cost`` in a process of its own where it would use a GPU, so that no CUDA context
     (hundreds of MiB on GPU 0) stays in the sweep's own process while its runs train. Running out of
     GPU memory there is the one line a run gives."""
-    import subprocess
-
-    from omegaconf import OmegaConf
-
-    from .step import resolve_device
+    from .errors import UsageError
+    from .step import resolve_device, run_apart
 
     if resolve_device(cfg.device).type != "cuda":
         return seconds_per_cost(cfg)
-    probe = subprocess.run([sys.executable, "-m", "resexp.estimate"], input=OmegaConf.to_yaml(cfg, resolve=True),
-                           capture_output=True, text=True)
-    lines = probe.stdout.strip().splitlines()
-    if probe.returncode == 0 and lines:
-        return float(lines[-1])
-    from .errors import UsageError
-
-    problem = (probe.stderr.strip().splitlines() or ["no output"])[-1]
-    raise UsageError(f"measuring a step of {cfg.arch}-{cfg.depth} for the cost estimate failed: {problem}")
+    try:
+        return float(run_apart("resexp.estimate", cfg).split()[-1])
+    except (RuntimeError, ValueError, IndexError) as failed:
+        raise UsageError(f"measuring a step of {cfg.arch}-{cfg.depth} for the cost estimate failed: {failed}") from None
 
 
 def cost_line(configs: list[DictConfig], costs: list[float], parallel: int = 1) -> str | None:

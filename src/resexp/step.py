@@ -534,20 +534,18 @@ def compile_families(configs) -> list:
     five shapes of any deeper CIFAR net."""
     from omegaconf import OmegaConf
 
-    families: dict[str, object] = {}
+    families: dict[str, list] = {}
     for cfg in configs:
         device = resolve_device(cfg.device)
         if device.type != "cuda" or not resolve_compile(cfg.compile, device, cfg.schedule.iterations):
             continue
         key = repr((cfg.arch, OmegaConf.to_container(cfg.model), cfg.schedule.batch_size,
                     resolve_precision(cfg.precision, device)))
-        smallest = families.get(key)
-        if smallest is None or cfg.depth < smallest.depth:
-            families[key] = cfg
+        families.setdefault(key, []).append(cfg)
     representatives = []
-    for smallest in families.values():
-        if smallest.model.family == "cifar" and smallest.depth < 14 < max(
-                cfg.depth for cfg in configs if cfg.arch == smallest.arch):
+    for members in families.values():
+        smallest = min(members, key=lambda cfg: cfg.depth)
+        if smallest.model.family == "cifar" and smallest.depth < 14 <= max(cfg.depth for cfg in members):
             smallest = OmegaConf.merge(smallest, {"depth": 14})
         representatives.append(smallest)
     return representatives
@@ -583,7 +581,6 @@ def warm_compile_cache_apart(configs) -> None:
     """Compile the blocks of every kind of net among ``configs`` once, in a process of its own (no CUDA
     context stays in the caller), before their runs start side by side on GPUs. A failure is a warning:
     each run compiles for itself then."""
-    import subprocess
     import time
 
     from omegaconf import OmegaConf
@@ -594,14 +591,27 @@ def warm_compile_cache_apart(configs) -> None:
     names = ", ".join(f"{cfg.arch}-{cfg.depth}" for cfg in families)
     print(f"compiling the blocks of {names} once, for the runs to share", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    documents = OmegaConf.to_yaml(OmegaConf.create({"configs": [OmegaConf.to_container(cfg, resolve=True)
-                                                                 for cfg in families]}))
-    done = subprocess.run([sys.executable, "-m", "resexp.step"], input=documents, capture_output=True, text=True)
-    if done.returncode != 0:
-        problem = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"warning: compiling the blocks ahead failed ({problem}); each run compiles its own", file=sys.stderr)
+    try:
+        run_apart("resexp.step", {"configs": [OmegaConf.to_container(cfg, resolve=True) for cfg in families]})
+    except RuntimeError as failed:
+        print(f"warning: compiling the blocks ahead failed ({failed}); each run compiles its own", file=sys.stderr)
         return
     print(f"compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def run_apart(module: str, document) -> str:
+    """``python -m module`` with ``document`` (a config, or a dict of them) as YAML on its stdin: GPU work
+    in a process of its own, whose CUDA context and memory go when it ends. Returns its stdout; raises
+    RuntimeError with the last line it printed on stderr when it fails."""
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    done = subprocess.run([sys.executable, "-m", module], input=OmegaConf.to_yaml(document, resolve=True),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError((done.stderr.strip().splitlines() or ["no output"])[-1])
+    return done.stdout
 
 
 if __name__ == "__main__":  # warm_compile_cache_apart's process: the configs on stdin
