@@ -23,6 +23,16 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture(autouse=True)
+def threads_that_stay_put(monkeypatch):
+    """In-process runs keep the CPU threads they start with, as an explicit OMP_NUM_THREADS makes them
+    (resexp steps down to fewer beside other busy programs, and the count changes the order of float
+    sums): a test comparing two runs compares like with like. Tests of stepping down unset it."""
+    from resexp.machine import usable_cores
+
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS") or str(usable_cores()))
+
+
 @pytest.fixture
 def hydra_in_process():
     """For tests that call ``resexp.cli.main`` in this process: Hydra configures logging and keeps

@@ -142,3 +142,30 @@ def test_help_shows_the_configs_defaults_and_examples_and_cfg_job_the_config(cap
     assert "data.train_size=      50000" in page and "bench.steps=          50" in page
     assert bench_command(["--cfg", "job", "bench.steps=7"]) == 0
     assert "  steps: 7\n" in capsys.readouterr().out
+
+
+def test_the_cpu_sharing_script_times_a_run_alone_and_beside_a_second_one(tmp_path, cli_env):
+    """scripts/cpu-sharing.sh, cut short: both rates and their ratio in one line, nothing left running."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**cli_env, "RESEXP": str(Path(sys.executable).with_name("resexp"))}
+    env.pop("OMP_NUM_THREADS")  # threads as a user's run sets them
+    done = subprocess.run(["bash", str(root / "scripts" / "cpu-sharing.sh"), "depth=8", "bench.steps=2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = re.fullmatch(r"alone: (\d+) images/s; beside a second resexp process: (\d+) images/s \((\d+) % of alone\)\n",
+                         done.stdout)
+    assert found, done.stdout
+    alone, beside, percent = map(int, found.groups())
+    assert alone > 0 and beside > 0 and abs(percent - 100 * beside / alone) <= 1
+    running = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            running.append(cmdline.read_bytes())
+        except OSError:  # ended meanwhile
+            pass
+    assert not any(b"bench.windows=1000" in args for args in running)  # the second process was stopped

@@ -523,12 +523,14 @@ def test_paper_values_only_for_the_papers_nets(tmp_path):
     (PAPER_SCHEDULE, {}, None),
     ({**PAPER_SCHEDULE, "iterations": 1000, "milestones": [700, 900], "batch_size": 32}, {},
      "the runs trained 1,000 of the paper's 64,000 iterations (0.6 epochs), not the whole schedule"),
-    (PAPER_SCHEDULE, {"train_size": 5000}, "the runs trained on part of CIFAR-10's training set, the paper on all of it"),
+    (PAPER_SCHEDULE, {"train_size": 5000}, "the runs trained on 5,000 of the training images, the paper on all 50,000"),
     (PAPER_SCHEDULE, {"name": "imagefolder"}, "the runs trained on CIFAR-10 (imagefolder), not the paper's CIFAR-10"),
     ({**PAPER_SCHEDULE, "lr": 0.05}, {}, "the runs changed the paper's schedule (schedule.lr)"),
-    ({**PAPER_SCHEDULE, "iterations": 1000, "milestones": [700, 900], "batch_size": 32}, {"name": "imagefolder"},
-     "the runs trained on CIFAR-10 (imagefolder), not the paper's CIFAR-10, and trained 1,000 of the paper's "
-     "64,000 iterations (2.5 epochs), not the whole schedule"),  # experiment=laptop offline; epochs from the metrics
+    ({**PAPER_SCHEDULE, "iterations": 1200, "milestones": [800, 1000], "batch_size": 64, "lr": 0.05},
+     {"name": "imagefolder", "train_size": 2500},
+     "the runs trained on CIFAR-10 (imagefolder), not the paper's CIFAR-10, and trained on 2,500 of the training "
+     "images, the paper on all 50,000, and trained 1,200 of the paper's 64,000 iterations (31 epochs), not the "
+     "whole schedule"),  # experiment=laptop offline
 ])
 def test_summary_states_the_schedule_and_compares_with_table_6_only_for_the_papers_training(
         tmp_path, schedule, data, gap):
@@ -559,10 +561,11 @@ def test_figures_read_alike_and_name_the_preset_and_its_real_schedule(tmp_path, 
     """What matplotlib was given: milestones dotted grey (not dashed like training curves), each
     legend says what colour means, one word (solid) for the test error, one y range for both
     error-vs-depth panels, and a title naming the preset and the iterations really run."""
-    laptop = {"name": "quick", "iterations": 1000, "milestones": [700, 900], "batch_size": 32}
-    for arch, depth, final in (("plain", 8, 0.5), ("plain", 32, 0.7), ("resnet", 8, 0.5), ("resnet", 32, 0.6)):
-        run = make_run(tmp_path, f"{arch}-{depth}-s0", arch, depth, 0, ramp(0.9, final, 20),
-                       ramp(0.95 if depth == 32 else 0.8, final, 20), eval_every=50, schedule=laptop)
+    laptop = {"name": "quick", "iterations": 1200, "milestones": [800, 1000], "batch_size": 64, "lr": 0.05}
+    for arch, depth, final in (("plain", 8, 0.3), ("plain", 32, 0.5), ("resnet", 8, 0.3), ("resnet", 32, 0.2)):
+        run = make_run(tmp_path, f"{arch}-{depth}-s0", arch, depth, 0, ramp(0.9, final, 12),
+                       ramp(0.95 if depth == 32 else 0.8, final, 12), eval_every=100, schedule=laptop,
+                       data={"name": "imagefolder", "train_size": 2500})
         config = yaml.safe_load((run / "config.yaml").read_text())
         config["sweep"]["experiment"] = "laptop"
         (run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -572,10 +575,11 @@ def test_figures_read_alike_and_name_the_preset_and_its_real_schedule(tmp_path, 
     for fig in figures:
         title = " ".join(fig._suptitle.get_text().split())
         assert title.startswith("experiment=laptop") or title.startswith("Error vs. depth: experiment=laptop"), title
-        assert "1,000 of the paper's 64,000 iterations (0.6 epochs)" in title and "quick" not in title
+        assert "2,500 training images, 1,200 of the paper's 64,000 iterations (31 epochs)" in title, title
+        assert "quick" not in title
         assert "solid = test error" in title and "bold" not in title
     for ax in curves.axes:
-        drops = [line for line in ax.get_lines() if list(line.get_xdata()) in ([700, 700], [900, 900])]
+        drops = [line for line in ax.get_lines() if list(line.get_xdata()) in ([800, 800], [1000, 1000])]
         assert len(drops) == 2 and {line.get_linestyle() for line in drops} == {":"}
         assert {line.get_color() for line in drops} == {"0.6"}
         curve_styles = {line.get_linestyle() for line in ax.get_lines() if line not in drops}
@@ -586,7 +590,7 @@ def test_figures_read_alike_and_name_the_preset_and_its_real_schedule(tmp_path, 
     assert [ax.get_xlabel() for ax in depth.axes] == ["number of layers"] * 2
     assert [ax.get_legend().get_title().get_text() for ax in depth.axes] == ["colour = architecture"] * 2
     assert depth.axes[0].get_ylim() == depth.axes[1].get_ylim()
-    assert [ax.get_title() for ax in depth.axes][0] == "(a) end of training (1k iter.)"
+    assert [ax.get_title() for ax in depth.axes][0] == "(a) end of training (1.2k iter.)"
 
 
 def test_a_sweep_with_a_failed_run_draws_without_warnings(tmp_path):

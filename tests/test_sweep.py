@@ -165,6 +165,44 @@ def test_the_quick_way_keeps_the_users_data_options_and_is_never_the_preset_alre
     assert line.startswith("estimated wall time") and "experiment=laptop" not in line
 
 
+def test_each_net_costs_at_a_rate_between_a_small_and_a_large_measured_net(monkeypatch):
+    """A small net's step is mostly overhead: measured alone, it would make the large nets look dearer."""
+    from resexp import estimate
+
+    measured = []
+    rates = {8: 5e-11, 20: None, 32: 3.5e-11}  # seconds per multiply-add: 8 layers do less per second
+
+    def measure(cfg):
+        measured.append((cfg.arch, cfg.depth))
+        return rates[cfg.depth]
+
+    monkeypatch.setattr(estimate, "seconds_per_cost_apart", measure)
+    nets = {depth: compose([f"depth={depth}", "device=cpu", "schedule.batch_size=64"]) for depth in (8, 20, 32)}
+    probes = estimate.probe(nets.values())
+    assert measured == [("resnet", 8), ("resnet", 32)]
+    assert estimate.rate_at(probes[0].macs, probes) == 5e-11 and estimate.rate_at(probes[1].macs, probes) == 3.5e-11
+    assert 3.5e-11 < estimate.rate_at(estimate.macs_per_image(nets[20]), probes) < 5e-11
+    assert estimate.rate_at(10 * probes[1].macs, probes) == 3.5e-11  # held beyond the probes
+
+    measured.clear()
+    rates[8] = 1e-6  # a slow machine: a 32-layer step would take seconds, so it is not measured
+    assert [p.cfg.depth for p in estimate.probe(nets.values())] == [8] and measured == [("resnet", 8)]
+
+
+def test_the_cost_line_says_when_other_programs_kept_the_cpu_busy_while_it_measured(monkeypatch):
+    from resexp import estimate
+    from resexp.machine import OtherPrograms, usable_cores
+
+    laptop = compose(["experiment=laptop", "device=cpu", "data=imagefolder", "data.root=my images"])
+    monkeypatch.setattr(estimate, "seconds_per_cost_apart", lambda cfg: 1e-10)  # about 10 minutes
+    monkeypatch.setattr(OtherPrograms, "cores_busy", lambda self: 1.2)
+    line = estimate.cost_line([laptop], [estimate.run_cost(laptop)])
+    assert f"other programs kept 1.2 of this CPU's {usable_cores()} cores busy while it was measured" in line
+    assert "experiment=laptop" not in line  # never the preset already running
+    monkeypatch.setattr(OtherPrograms, "cores_busy", lambda self: 0.1)  # a quiet machine's own noise
+    assert "other programs" not in estimate.cost_line([laptop], [estimate.run_cost(laptop)])
+
+
 def test_a_long_cpu_sweep_from_a_terminal_asks_first_and_no_is_the_default(tmp_path, cli_env):
     """In a terminal, the paper's schedule on a CPU (days) asks before anything is written; Enter says no."""
     import os

@@ -107,6 +107,30 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, stop_after):
     assert resumed["final_test_error"] == straight["final_test_error"]
 
 
+def test_a_run_beside_busy_programs_trains_on_the_free_cores_and_resumes_with_its_count(tmp_path, monkeypatch):
+    from resexp.machine import OtherPrograms
+
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    busy = [1.0]  # cores' worth of other programs' work: one of the two
+    monkeypatch.setattr(OtherPrograms, "cores_busy", lambda self: busy[0])
+    monkeypatch.setattr("resexp.step.usable_cores", lambda: 2)
+    monkeypatch.setattr("resexp.machine.usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        cfg = compose("arch=plain", "depth=8")
+        straight = train(cfg, tmp_path / "straight")
+        assert [row["cpu_threads"] for row in metrics(tmp_path / "straight")] == [1, 1]
+        train(cfg, tmp_path / "resumed", stop_after=4)
+        assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["cpu_threads"] == 1
+        busy[0] = 0.0  # the other program ended: the resumed run starts with its checkpoint's count all the same
+        resumed = train(cfg, tmp_path / "resumed")
+        assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")
+        assert resumed["final_train_loss"] == straight["final_train_loss"]
+        assert torch.get_num_threads() == 2  # and takes both cores at its next evaluation
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_finished_run_is_skipped_and_resume_false_starts_over(tmp_path):
     cfg = compose("depth=8")
     first = train(cfg, tmp_path / "run")

@@ -569,13 +569,16 @@ def run_memory(cfg: DictConfig) -> dict:
 
 # --- the command --------------------------------------------------------------------------------
 
-def use_threads(cfg: DictConfig, device: torch.device) -> None:
-    """The CPU threads of the main process: as resexp train sets them, unless bench.threads says how many."""
+def use_threads(cfg: DictConfig, device: torch.device):
+    """The CPU threads of the main process: as resexp train sets them (``CpuThreads``: settled again
+    before each window, as a run does at each evaluation), unless bench.threads says how many."""
     from .step import configure_backend
 
-    configure_backend(device)
+    threads = configure_backend(device)
     if cfg.bench.threads is not None:
         torch.set_num_threads(cfg.bench.threads)
+        threads.adapts = False
+    return threads
 
 
 def environment_at_start(device: torch.device) -> dict:
@@ -639,7 +642,7 @@ def run_bench(cfg: DictConfig) -> dict:
     # compile=auto as resexp train decides it for the schedule's length (the paper's: the run a user times).
     compile_model = resolve_compile(cfg.compile, device, cfg.schedule.iterations)
     cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device, precision)
-    use_threads(cfg, device)
+    threads = use_threads(cfg, device)
     environment = environment_at_start(device)
 
     data = load_images(cfg)
@@ -649,6 +652,7 @@ def run_bench(cfg: DictConfig) -> dict:
     del counting_model
 
     pipelines: list[Pipeline] = []
+    window_threads = []  # the CPU threads of each timed window, in the order they ran
     try:
         pipelines.append(prepare(lambda: resexp_pipeline(data, cfg, device, precision, compile_model, cuda_graph),
                                  cfg.bench.warmup, device))
@@ -656,6 +660,7 @@ def run_bench(cfg: DictConfig) -> dict:
             pipelines.append(prepare(lambda: reference_pipeline(data, cfg, device), cfg.bench.warmup, device))
         for _ in range(cfg.bench.windows):
             for pipeline in pipelines:  # alternate windows, so a change in the machine's load hits both alike
+                window_threads.append(threads.settle())
                 time_window(pipeline, cfg.bench.steps, device)
         grad_norm_s = time_gradient_norms(pipelines[0], device)
     except Exception as error:  # raised as it is, or wrapped by torch.compile or the capture
@@ -689,7 +694,8 @@ def run_bench(cfg: DictConfig) -> dict:
         "model": model_record(cfg, parameters, forward_macs_per_image=macs_per_image),
         "settings": settings_record(cfg, device=device.type, precision=precision, compile=compile_model,
                                     cuda_graph=cuda_graph, train_images=len(data.train_images)),
-        "environment": {**environment, "load_average_end": load_average()},
+        "environment": {**environment, "load_average_end": load_average(),
+                        "window_threads": window_threads if device.type == "cpu" else None},
     }
 
 

@@ -89,7 +89,7 @@ HELP_PAGES = {
               "Started from a terminal, a CPU sweep estimated at more than 3 hours asks first; --yes does not.",
               SWEEP_OPTIONS[:1] + TRAIN_OPTIONS[1:3] + SWEEP_OPTIONS[1:]
               + tuple(option for option in TRAIN_OPTIONS[3:] if option[0] != "name"),
-              ("resexp sweep experiment=laptop                      the degradation on a CPU in about 10 minutes",
+              ("resexp sweep experiment=laptop                      the paper's three findings on a CPU in 10 minutes",
                "resexp sweep experiment=figure6 gpus=all            the paper's Figure 6, runs side by side")),
 }
 

@@ -2,17 +2,19 @@
 
 A run's cost is the work left in it, in forward multiply-adds (``models.forward_macs``): images
 still to train, and the evaluations still to come (the whole test set each time, a forward pass
-only: about a third of a training image's forward, backward and update). A few steady training
-steps of the cheapest net, built as ``resexp train`` builds them (graphed on a GPU, not compiled),
-turn cost into seconds on this device; every other net is scaled by its multiply-adds. That is
-rough (small nets are dominated by overheads; compiling and capture come on top) but it tells
-hours from days. On a GPU the probe runs in a process of its own, which gives its GPU memory back
+only: about a third of a training image's forward, backward and update). Steady training steps
+of the cheapest net, and of the dearest where its steps are short, built as ``resexp train`` builds
+them (graphed on a GPU, not compiled), turn cost into seconds on this device; every other net is
+scaled by its multiply-adds, at a rate between the two (a small net's step is mostly overhead).
+Compiling and capture come on top; it is within a fifth for experiment=laptop on two CPU cores,
+and it tells hours from days. On a GPU the probe runs in a process of its own, which gives its GPU memory back
 when it ends. While a sweep runs, the finished runs' wall times give a better rate, so the ETA of
 the runs left weighs each by its cost.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -26,9 +28,12 @@ from .files import RESULT, read_result
 # A sweep on a CPU longer than this is told about the quick ways to see the result.
 LONG_ON_A_CPU_S = 3600
 WORTH_SAYING_S = 60  # a shorter run's cost goes without saying
+BUSY_CORES = 0.5  # other programs' work, in cores, that the cost line mentions
+PROBE_STEP_AT_MOST_S = 1.0  # a larger net is probed too where its step should take no longer
 CIFAR10_TEST_IMAGES = 10_000  # the evaluation set when the config does not size it
 UNTIMED_STEPS = 2  # cuDNN's autotuning; on a GPU the capture of the CUDA graph
-TIMED_STEPS = {"cpu": 2, "cuda": 20}  # a GPU step is milliseconds: time more of them
+TIMED_STEPS = {"cpu": 2, "cuda": 20}  # at least; a GPU step is milliseconds: time more of them
+TIMED_AT_LEAST_S = 0.5  # and steps until this much time has passed: a small net's step is a few ms on a CPU too
 
 
 def macs_per_image(cfg: DictConfig) -> int:
@@ -71,6 +76,7 @@ def seconds_per_cost(cfg: DictConfig) -> float:
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    threads = torch.get_num_threads()  # a run that measures itself keeps the CPU threads it settled on
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         step, x, y = step_on_random_data(cfg, compile=False,
                                          cuda_graph=resolve_cuda_graph(cfg.cuda_graph, device, precision))
@@ -80,10 +86,14 @@ def seconds_per_cost(cfg: DictConfig) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        for _ in range(timed):
-            loss, _ = step(x, y)
-        float(loss)  # waits for the device
-        seconds = (time.perf_counter() - start) / timed
+        steps = 0
+        while steps < timed or time.perf_counter() - start < TIMED_AT_LEAST_S:
+            for _ in range(timed):
+                loss, _ = step(x, y)
+            steps += timed
+            float(loss)  # waits for the device
+        seconds = (time.perf_counter() - start) / steps
+    torch.set_num_threads(threads)
     del step, x, y
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the training that follows in this process gets the probe's memory back
@@ -103,6 +113,39 @@ def seconds_per_cost_apart(cfg: DictConfig) -> float:
         return float(run_apart("resexp.estimate", cfg).split()[-1])
     except (RuntimeError, ValueError, IndexError) as failed:
         raise UsageError(f"measuring a step of {cfg.arch}-{cfg.depth} for the cost estimate failed: {failed}") from None
+
+
+class Probe(NamedTuple):
+    cfg: DictConfig
+    macs: int     # forward multiply-adds per image of its net
+    rate: float   # seconds per multiply-add, measured
+
+
+def probe(configs) -> list[Probe]:
+    """Measured rates of the cheapest net of ``configs`` and, where it is larger and its steps are
+    short, of the dearest: a small net's step is mostly overhead, so it does less per second than a
+    large one (on two CPU cores, 8-layer nets about 30 % less than 32-layer ones)."""
+    by_cost = sorted(configs, key=lambda cfg: macs_per_image(cfg) * cfg.schedule.batch_size)
+    cheapest = by_cost[0]
+    probes = [Probe(cheapest, macs_per_image(cheapest), seconds_per_cost_apart(cheapest))]
+    for cfg in reversed(by_cost):
+        macs = macs_per_image(cfg)
+        if macs <= probes[0].macs:
+            break
+        if probes[0].rate * macs * cfg.schedule.batch_size <= PROBE_STEP_AT_MOST_S:
+            probes.append(Probe(cfg, macs, seconds_per_cost_apart(cfg)))
+            break
+    return probes
+
+
+def rate_at(macs: int, probes: list[Probe]) -> float:
+    """Seconds per multiply-add of a net of ``macs`` per image: the probed rates, interpolated on the
+    logarithm of the nets' size between the two probes and held beyond them."""
+    small, large = probes[0], probes[-1]
+    if large.macs <= small.macs:
+        return small.rate
+    share = min(1.0, max(0.0, math.log(macs / small.macs) / math.log(large.macs / small.macs)))
+    return small.rate + share * (large.rate - small.rate)
 
 
 def cost_line(configs: list[DictConfig], costs: list[float], parallel: int = 1) -> str | None:
@@ -129,10 +172,13 @@ def cost_estimate(configs: list[DictConfig], costs: list[float], parallel: int =
     left = [(cfg, cost) for cfg, cost in zip(configs, costs) if cost > 0]
     if not left:
         return Estimate(0.0, False, None)
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # before the probe adds its own
-    cheapest = min((cfg for cfg, _ in left), key=lambda cfg: macs_per_image(cfg) * cfg.schedule.batch_size)
-    rate = seconds_per_cost_apart(cheapest)
-    seconds = rate * sum(cost for _, cost in left) / max(1, parallel)
+    from .machine import OtherPrograms, usable_cores
+
+    others = OtherPrograms()
+    probes = probe(cfg for cfg, _ in left)
+    others_busy = others.cores_busy()  # while the probes ran (their own time left out)
+    seconds = sum(cost * rate_at(macs_per_image(cfg), probes) for cfg, cost in left) / max(1, parallel)
+    cheapest = probes[0].cfg
     device = resolve_device(cheapest.device)
     on_cpu = device.type != "cuda"
     if seconds < WORTH_SAYING_S:
@@ -140,15 +186,15 @@ def cost_estimate(configs: list[DictConfig], costs: list[float], parallel: int =
     where = "this CPU" if on_cpu else f"this GPU ({torch.cuda.get_device_name(device)})"
     runs = f"{len(left)} run{'s' if len(left) != 1 else ''}"
     line = (f"estimated wall time: about {format_duration(seconds)} for {runs} on {where} "
-            f"(from a measured step of {cheapest.arch}-{cheapest.depth}, scaled by each net's multiply-adds)")
-    from .machine import usable_cores
-
-    if on_cpu and load_before > 0.75 * usable_cores():  # about a core of other work or more (a lagging average)
-        line += (f"; other programs keep this CPU busy (load average {load_before:.1f} on {usable_cores()} cores): "
-                 "the estimate is for the share this run gets now")
+            f"(from measured steps of {' and '.join(f'{p.cfg.arch}-{p.cfg.depth}' for p in probes)}, "
+            "scaled by each net's multiply-adds)")
+    if on_cpu and others_busy >= BUSY_CORES:
+        line += (f"; other programs kept {others_busy:.1f} of this CPU's {usable_cores()} cores busy while it was "
+                 "measured: the estimate is for the share the runs get now")
     if on_cpu and seconds > LONG_ON_A_CPU_S and not all(cfg.sweep.experiment == "laptop" for cfg, _ in left):
         line += (f"; for a first look on a CPU, resexp sweep experiment=laptop{data_options(cheapest)} shows the "
-                 "degradation in about 10 minutes (or add schedule=quick: 1/32 of the paper's iterations)")
+                 "paper's three findings in about 10 minutes on two free cores "
+                 "(or add schedule=quick: 1/32 of the paper's iterations)")
     return Estimate(seconds, on_cpu, line)
 
 

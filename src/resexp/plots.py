@@ -583,8 +583,12 @@ def paper_comparison_gap(runs: list[RunRecord]) -> str | None:
         reasons = []
         if data.get("name") != "cifar10":
             reasons.append(f"trained on {_dataset_name(str(data.get('name')))}, not the paper's CIFAR-10")
-        elif data.get("train_size") is not None or data.get("val_size") is not None:
-            reasons.append("trained on part of CIFAR-10's training set, the paper on all of it")
+        if data.get("train_size") is not None or data.get("val_size") is not None:
+            from resexp.data import CIFAR10_TRAIN_IMAGES
+
+            images = _training_images(run)
+            reasons.append(f"trained on {images:,} of the training images, the paper on all {CIFAR10_TRAIN_IMAGES:,}"
+                           if images else "trained on part of CIFAR-10's training set, the paper on all of it")
         changed = [key for key, value in paper_schedule().items()
                    if not isinstance(value, dict) and key not in ("name", "eval_every", "checkpoint_every",
                                                                   "eval_batch_size")
@@ -743,14 +747,18 @@ def _figure_title(runs: list[RunRecord], eval_set: str) -> str:
 
 
 def _runs_heading(runs: list[RunRecord]) -> str:
-    """What the runs trained on and for how long, for a figure's title: 'CIFAR-10, 1,000 of the
-    paper's 64,000 iterations (0.6 epochs), lr drops at 700, 900'."""
+    """What the runs trained on and for how long, for a figure's title: 'CIFAR-10, 5,000 training
+    images, 1,250 of the paper's 64,000 iterations (16 epochs), lr drops at 900, 1.1k'."""
     datasets = sorted({str((r.config.get("data") or {}).get("name")) for r in runs
                        if (r.config.get("data") or {}).get("name")})
     presets = sorted({str(p) for r in runs if (p := (r.config.get("sweep") or {}).get("experiment"))})
     parts = [f"experiment={p}" for p in presets]
     if datasets:
         parts.append(" / ".join(_dataset_name(d) for d in datasets))
+    subsets = {_training_images(r) if (r.config.get("data") or {}).get("train_size") is not None else None
+               for r in runs}
+    if len(subsets) == 1 and isinstance(size := subsets.pop(), int):  # a part of the training set, said with its size
+        parts.append(f"{size:,} training images")
     scale = schedule_scale(runs)
     if scale:
         milestones = {tuple(_milestones(r)) for r in runs}

@@ -5,7 +5,7 @@ one SGD step needs below that, and knows nothing of run folders:
 
     resolve_device, resolve_precision,    what ``device=``, ``precision=``, ``compile=`` and
     resolve_compile, resolve_cuda_graph   ``cuda_graph=`` mean on this machine
-    configure_backend                     cuDNN's autotuner, CPU threads
+    configure_backend, CpuThreads         cuDNN's autotuner; CPU threads that share the cores
     make_optimizer, learning_rate_tensor  SGD reading its rate from a device tensor
     make_train_step                       ``TrainStep`` (eager, or with compiled blocks), or
                                           ``GraphedTrainStep`` (one CUDA-graph replay per step)
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .data import normalize
 from .errors import UsageError
-from .machine import usable_cores
+from .machine import OtherPrograms, threads_beside, usable_cores
 from .models import blocks
 
 # --- devices and precision ----------------------------------------------------------------------
@@ -147,14 +147,40 @@ def check_machine(cfg) -> None:
     resolve_cuda_graph(cfg.cuda_graph, device, resolve_precision(cfg.precision, device))
 
 
-def configure_backend(device: torch.device) -> None:
+def configure_backend(device: torch.device, cpu_threads: int | None = None) -> "CpuThreads":
+    """cuDNN's autotuner on a GPU; on a CPU, torch's threads (``cpu_threads``: the count a checkpoint kept)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         torch.cuda.reset_peak_memory_stats(device)  # the run's own peak, for the out-of-memory message
-    else:
-        # An explicit OMP_NUM_THREADS wins (a sweep with gpus=... shares the cores out that way).
-        threads = os.environ.get("OMP_NUM_THREADS", "").strip()
-        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else usable_cores())
+    return CpuThreads(device, cpu_threads)
+
+
+class CpuThreads:
+    """torch's CPU threads: as many as the cores that other programs leave free, looked at again by ``settle``.
+
+    A run settles its threads before its first step and at each evaluation, so two runs (or a run and
+    ``resexp analyze``) on one machine step down to the cores each can have: threads that outnumber
+    the free cores make every parallel operation wait for the one the scheduler put aside (two
+    processes of two threads on two cores each kept a fifth of their speed). The count changes the
+    order of floating-point sums, so a checkpoint keeps it and a resumed run starts with it. An
+    explicit OMP_NUM_THREADS wins and never changes (a sweep with gpus= shares the cores out so).
+    """
+
+    def __init__(self, device: torch.device, count: int | None = None):
+        explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
+        explicit_count = int(explicit) if explicit.isdigit() and int(explicit) > 0 else None
+        self.adapts = device.type == "cpu" and explicit_count is None
+        self._others = OtherPrograms() if self.adapts else None
+        if device.type == "cpu":
+            torch.set_num_threads(explicit_count or count or usable_cores())
+
+    def settle(self) -> int:
+        """Threads for the steps ahead, from how busy other programs kept the cores since the last call."""
+        if self.adapts:
+            wanted = threads_beside(self._others.cores_busy())
+            if wanted != torch.get_num_threads():
+                torch.set_num_threads(wanted)
+        return torch.get_num_threads()
 
 
 # --- the optimizer ------------------------------------------------------------------------------

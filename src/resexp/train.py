@@ -390,7 +390,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
     try:
         # Set-up: device, data, model, optimizer.
         use_graph = resolve_cuda_graph(cfg.cuda_graph, device, precision)
-        configure_backend(device)
+        threads = configure_backend(device, checkpoint.get("cpu_threads") if checkpoint else None)
         data = load_data(cfg.data.name, cfg.data.root, train_size=cfg.data.train_size,
                          test_size=cfg.data.test_size, val_size=cfg.data.val_size, resize=cfg.data.resize,
                          download=cfg.data.download, seed=cfg.seed)
@@ -438,6 +438,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
         # Made after the restore: a CUDA graph keeps the addresses of the tensors it captured.
         step = make_train_step(model, optimizer, scaler, amp, cuda_graph=use_graph,
                                compile=resolve_compile(cfg.compile, device, schedule.iterations))
+        cpu_threads = threads.settle() if checkpoint is None else torch.get_num_threads()  # a resumed run keeps its count
 
         atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
         atomic_write_json(run_dir / ENV, {**environment(device), "resumed_at_iteration": iteration or None,
@@ -450,7 +451,7 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
                 "scaler": scaler.state_dict(), "iteration": iteration, "warmup_done_at": warmup_done_at,
                 "step_stats": step_sums.cpu(), "warmup_stats": warmup_sums.cpu(), "elapsed_s": elapsed(),
                 "train_time_s": train_time_s, "steady_iterations": steady_iterations, "startup_s": startup_s,
-                "best_test_error": best_test_error,
+                "best_test_error": best_test_error, "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                 "config": config,
@@ -523,10 +524,12 @@ def train_locked(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> dict
                         # Per weighted layer, from the last step's gradients: the vanishing-gradient view.
                         "grad_norms": gradient_norms(model),
                         "images_per_s": round(images_per_s, 1) if interval_images else None,
+                        **({"cpu_threads": cpu_threads} if device.type == "cpu" else {}),  # of the interval's steps
                     })
                     trackers.log(evaluation)
                     progress.show(lr=f"{lr:.3g}", loss=f"{train_loss:.3f}", err=f"{errors / seen:.1%}",
                                   test=f"{test_error:.1%}", ips=f"{images_per_s:.0f}")
+                    cpu_threads = threads.settle()  # the cores other programs left free in that interval
                     interval_start = time.perf_counter()
                     interval_images = 0
                     if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
