@@ -178,7 +178,8 @@ def test_each_net_costs_at_a_rate_between_a_small_and_a_large_measured_net(monke
 
     monkeypatch.setattr(estimate, "seconds_per_cost_apart", measure)
     nets = {depth: compose([f"depth={depth}", "device=cpu", "schedule.batch_size=64"]) for depth in (8, 20, 32)}
-    probes = estimate.probe(nets.values())
+    sized = [(cfg, estimate.macs_per_image(cfg)) for cfg in nets.values()]
+    probes = estimate.probe(sized)
     assert measured == [("resnet", 8), ("resnet", 32)]
     assert estimate.rate_at(probes[0].macs, probes) == 5e-11 and estimate.rate_at(probes[1].macs, probes) == 3.5e-11
     assert 3.5e-11 < estimate.rate_at(estimate.macs_per_image(nets[20]), probes) < 5e-11
@@ -186,7 +187,7 @@ def test_each_net_costs_at_a_rate_between_a_small_and_a_large_measured_net(monke
 
     measured.clear()
     rates[8] = 1e-6  # a slow machine: a 32-layer step would take seconds, so it is not measured
-    assert [p.cfg.depth for p in estimate.probe(nets.values())] == [8] and measured == [("resnet", 8)]
+    assert [p.cfg.depth for p in estimate.probe(sized)] == [8] and measured == [("resnet", 8)]
 
 
 def test_the_cost_line_says_when_other_programs_kept_the_cpu_busy_while_it_measured(monkeypatch):

@@ -7,9 +7,9 @@ of the cheapest net, and of the dearest where its steps are short, built as ``re
 them (graphed on a GPU, not compiled), turn cost into seconds on this device; every other net is
 scaled by its multiply-adds, at a rate between the two (a small net's step is mostly overhead).
 Compiling and capture come on top; it is within a fifth for experiment=laptop on two CPU cores,
-and it tells hours from days. On a GPU the probe runs in a process of its own, which gives its GPU memory back
-when it ends. While a sweep runs, the finished runs' wall times give a better rate, so the ETA of
-the runs left weighs each by its cost.
+and it tells hours from days. On a GPU the probe runs in a process of its own, which gives its
+GPU memory back when it ends. While a sweep runs, the finished runs' wall times give a better
+rate, so the ETA of the runs left weighs each by its cost.
 """
 
 from __future__ import annotations
@@ -121,16 +121,16 @@ class Probe(NamedTuple):
     rate: float   # seconds per multiply-add, measured
 
 
-def probe(configs) -> list[Probe]:
-    """Measured rates of the cheapest net of ``configs`` and, where it is larger and its steps are
-    short, of the dearest: a small net's step is mostly overhead, so it does less per second than a
-    large one (on two CPU cores, 8-layer nets about 30 % less than 32-layer ones)."""
-    by_cost = sorted(configs, key=lambda cfg: macs_per_image(cfg) * cfg.schedule.batch_size)
-    cheapest = by_cost[0]
-    probes = [Probe(cheapest, macs_per_image(cheapest), seconds_per_cost_apart(cheapest))]
-    for cfg in reversed(by_cost):
-        macs = macs_per_image(cfg)
-        if macs <= probes[0].macs:
+def probe(sized) -> list[Probe]:
+    """Measured rates of the cheapest net of ``sized`` ((config, multiply-adds per image) pairs) and,
+    where it is larger and its steps are short, of the dearest: a small net's step is mostly
+    overhead, so it does less per second than a large one (on two CPU cores, 8-layer nets about
+    30 % less than 32-layer ones)."""
+    by_cost = sorted(sized, key=lambda pair: pair[1] * pair[0].schedule.batch_size)
+    cheapest, cheapest_macs = by_cost[0]
+    probes = [Probe(cheapest, cheapest_macs, seconds_per_cost_apart(cheapest))]
+    for cfg, macs in reversed(by_cost):
+        if macs <= cheapest_macs:
             break
         if probes[0].rate * macs * cfg.schedule.batch_size <= PROBE_STEP_AT_MOST_S:
             probes.append(Probe(cfg, macs, seconds_per_cost_apart(cfg)))
@@ -174,10 +174,11 @@ def cost_estimate(configs: list[DictConfig], costs: list[float], parallel: int =
         return Estimate(0.0, False, None)
     from .machine import OtherPrograms, usable_cores
 
+    sized = [(cfg, macs_per_image(cfg)) for cfg, _ in left]  # each net built once to count them
     others = OtherPrograms()
-    probes = probe(cfg for cfg, _ in left)
+    probes = probe(sized)
     others_busy = others.cores_busy()  # while the probes ran (their own time left out)
-    seconds = sum(cost * rate_at(macs_per_image(cfg), probes) for cfg, cost in left) / max(1, parallel)
+    seconds = sum(cost * rate_at(macs, probes) for (_, cost), (_, macs) in zip(left, sized)) / max(1, parallel)
     cheapest = probes[0].cfg
     device = resolve_device(cheapest.device)
     on_cpu = device.type != "cuda"
